@@ -116,8 +116,10 @@ def run(layers: int, extents: int, batch: int, python_batch: int, repeats: int) 
 
     rows: list[str] = []
     figures: dict = {}
-    ranges = [(rng.randrange(disk_blocks - 32) * BLOCK_SIZE + rng.randrange(BLOCK_SIZE), 128 << 10)
-              for _ in range(2000)]
+    ranges = [
+        (rng.randrange(disk_blocks - 32) * BLOCK_SIZE + rng.randrange(BLOCK_SIZE), 128 << 10)
+        for _ in range(2000)
+    ]
     for name, twin in twins.items():
         started = time.perf_counter()
         index = twin.MergedIndex(stack, disk_size=DEFAULT_DISK_SIZE)
@@ -127,12 +129,14 @@ def run(layers: int, extents: int, batch: int, python_batch: int, repeats: int) 
         for pattern, blocks in queries.items():
             blocks = blocks[:n]
             out = twin.BlockLocations(array("q", bytes(8 * n)), array("q", bytes(8 * n)))
-            rate = median_rate(lambda index=index, blocks=blocks, out=out: index.lookup_blocks(blocks, out),
-                               n, repeats)
+            rate = median_rate(
+                lambda index=index, blocks=blocks, out=out: index.lookup_blocks(blocks, out), n, repeats
+            )
             figures[(name, pattern)] = rate
             rows.append(f"| {name} | lookup_blocks, {pattern} | {n:,} | {rate / 1e6:.2f} M/s |")
-        rate = median_rate(lambda index=index: [index.lookup(o, length) for o, length in ranges],
-                           len(ranges), repeats)
+        rate = median_rate(
+            lambda index=index: [index.lookup(o, length) for o, length in ranges], len(ranges), repeats
+        )
         figures[(name, "ranges")] = rate
         rows.append(f"| {name} | lookup, 128 KiB byte ranges | {len(ranges):,} | {rate / 1e3:.1f} k/s |")
         segments = index.segments
@@ -173,8 +177,15 @@ def write_section(lines: list[str]) -> None:
     """Replace (or append) this tool's section of docs/BENCHMARKS.md, leaving other sections alone.
     Other tools write their own sections, so read, edit and replace the file in one quick step."""
     today = datetime.date.today().isoformat()
-    body = [SECTION, "", f"Measured {today} by `tools/bench/lookup.py` on {cpu_model()}"
-            f" ({os.cpu_count()} cores), Python {platform.python_version()}.", "", *lines, ""]
+    body = [
+        SECTION,
+        "",
+        f"Measured {today} by `tools/bench/lookup.py` on {cpu_model()}"
+        f" ({os.cpu_count()} cores), Python {platform.python_version()}.",
+        "",
+        *lines,
+        "",
+    ]
     BENCHMARKS.parent.mkdir(parents=True, exist_ok=True)
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
     lines_before: list[str] = []  # up to our section (or the whole file when it has none yet)
