@@ -40,6 +40,14 @@ class Progress:
         if self.tty and time.monotonic() - self._last_draw >= self.interval:
             self._draw()
 
+    def advance_to(self, total: int) -> None:
+        """Show `total` bytes done (counted elsewhere, e.g. by a ByteCounter)."""
+        self.advance(total - self._bytes)
+
+    def rate(self) -> str:
+        """'N MiB at M MiB/s' since start()."""
+        return self._rate()
+
     def _rate(self) -> str:
         elapsed = max(time.monotonic() - self._start, 1e-6)
         return f"{human_bytes(self._bytes)} at {human_bytes(self._bytes / elapsed)}/s"
@@ -62,10 +70,20 @@ class Progress:
             self.stream.flush()
 
 
-class CountingReader:
-    """Feeds the number of bytes read into a Progress."""
+class ByteCounter:
+    """Counts bytes in a worker thread for the main thread to show (one writer, so no lock)."""
 
-    def __init__(self, stream, progress: Progress):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def advance(self, nbytes: int) -> None:
+        self.count += nbytes
+
+
+class CountingReader:
+    """Feeds the number of bytes read into a Progress or a ByteCounter."""
+
+    def __init__(self, stream, progress: Progress | ByteCounter):
         self._stream = stream
         self._progress = progress
 
@@ -73,6 +91,9 @@ class CountingReader:
         data = self._stream.read(n)
         self._progress.advance(len(data))
         return data
+
+    def close(self) -> None:
+        self._stream.close()
 
     def readable(self) -> bool:
         return True

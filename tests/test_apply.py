@@ -12,9 +12,11 @@ from imagebuilder import TarBuilder
 
 from dadi.convert.apply import apply_layer
 from dadi.convert.blockdiff import BlockHashes, changed_extents, data_regions, hash_disk
+from dadi.convert.spool import Spool
 from dadi.convert.tree import TreeModel
 from dadi.convert.workdisk import create_disk
 from dadi.errors import DadiError, LayerError
+from dadi.readahead import read_ahead
 
 DISK_SIZE = 64 << 20
 
@@ -160,3 +162,35 @@ def test_applying_a_layer_changes_only_the_blocks_it_touches(disk, tmp_path):
     changed_blocks = sum(count for _, count, _ in runs)
     # The 1 MiB file is untouched: a few blocks of metadata and one of data changed, not 256.
     assert 0 < changed_blocks < 32, runs
+
+
+# -- spool and read-ahead -------------------------------------------------------------------------------
+
+
+def test_spool_puts_files_in_memory_until_the_budget_is_used_then_on_disk(tmp_path):
+    with Spool(tmp_path / "disk", memory_budget=3 * 4096) as spool:
+        assert spool.memory_dir is not None and spool.memory_dir.is_relative_to("/dev/shm")
+        small = [spool.new_path(100) for _ in range(3)]  # a page each
+        big = spool.new_path(10)
+        for path in [*small, big]:
+            Path(path).write_bytes(b"x")
+        assert all(Path(p).parent == spool.memory_dir for p in small)
+        assert Path(big).parent == tmp_path / "disk"
+        memory_dir = spool.memory_dir
+    assert not memory_dir.exists() and not (tmp_path / "disk").exists()
+
+
+def test_read_ahead_passes_bytes_through_and_raises_the_producers_error():
+    data = os.urandom(5 << 20)
+    with read_ahead(io.BytesIO(data)) as stream:
+        assert stream.read() == data
+
+    class Failing(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            raise DadiError("the source broke")
+
+    with read_ahead(Failing()) as stream, pytest.raises(DadiError, match="the source broke"):
+        stream.read(10)

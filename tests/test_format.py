@@ -750,3 +750,22 @@ def test_large_random_layer_round_trip():
     assert len(tables.chunks) > 3
     for block, data in expected.items():
         assert read_disk_block(blob, tables, block) == data
+
+
+def test_writer_with_a_thread_pool_writes_the_same_bytes():
+    # Reproducibility must not depend on how many threads pack the chunks, nor on their timing.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(7)
+    extents = [(0, text_like(7, 40 * BLOCK_SIZE)), (100, 3), (200, rng.randbytes(300 * BLOCK_SIZE))]
+    expected, _ = write_blob(extents)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        out = io.BytesIO()
+        buffer = bytearray(extents[2][1])
+        writer = BlobWriter(out, disk_size=DEFAULT_DISK_SIZE, executor=pool)
+        writer.add_data(0, extents[0][1])
+        writer.add_zero(100, 3)
+        writer.add_data(200, buffer)
+        buffer[:] = bytes(len(buffer))  # the caller reuses its buffer: what was added must not change
+        writer.finish()
+    assert out.getvalue() == expected

@@ -15,10 +15,12 @@ saying what was wrong and where. Nothing here allocates more than the input's si
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import re
 import struct
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -489,6 +491,18 @@ def read_packed(
 # --- writing -----------------------------------------------------------------------------------------
 
 
+# Chunks handed to the executor and not yet written: enough to keep a few threads busy, little memory.
+_MAX_CHUNKS_IN_FLIGHT = 8
+
+
+def _pack_chunk(raw: bytes | memoryview) -> tuple[bytes | memoryview, int, bool, int, bytes]:
+    """(stored bytes, raw length, compressed?, xxh3-64, sha256) of one chunk; safe to run in a thread."""
+    packed = lz4.block.compress(raw, store_size=False)
+    compressed = len(packed) < len(raw)
+    stored = packed if compressed else raw
+    return stored, len(raw), compressed, xxhash.xxh3_64_intdigest(stored), hashlib.sha256(stored).digest()
+
+
 class BlobWriter:
     """Writes one layer blob to `out` as a stream: header, then chunks as the data arrives, then tables, footer.
 
@@ -503,7 +517,9 @@ class BlobWriter:
         disk_size: int,
         block_size: int = BLOCK_SIZE,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        executor: Executor | None = None,
     ):
+        """`executor` (a thread pool) compresses and hashes chunks in parallel; the output is the same."""
         try:
             _check_geometry("BlobWriter", block_size, chunk_size, disk_size)
         except FormatError as e:
@@ -520,6 +536,9 @@ class BlobWriter:
         self._extents: list[Extent] = []
         self._chunks: list[Chunk] = []
         self._finished = False
+        self._executor = executor
+        # Chunks being packed by the executor, oldest first; written in this order.
+        self._in_flight: collections.deque[Future] = collections.deque()
         header = Header(FORMAT_VERSION, 0, block_size, chunk_size, disk_size)
         self._write(pack_header(header))
 
@@ -592,19 +611,21 @@ class BlobWriter:
         self._pending += view
 
     def _emit_chunk(self, raw: bytes | memoryview) -> None:
-        packed = lz4.block.compress(raw, store_size=False)
-        compressed = len(packed) < len(raw)
-        stored = packed if compressed else raw
-        self._chunks.append(
-            Chunk(
-                offset=self._size,
-                length=len(stored),
-                raw_length=len(raw),
-                xxh3=xxhash.xxh3_64_intdigest(stored),
-                sha256=hashlib.sha256(stored).digest(),
-                compressed=compressed,
-            )
-        )
+        if self._executor is None:
+            self._write_chunk(*_pack_chunk(raw))
+            return
+        # A copy: the caller may reuse its buffer once add_data returns.
+        self._in_flight.append(self._executor.submit(_pack_chunk, bytes(raw)))
+        while len(self._in_flight) > _MAX_CHUNKS_IN_FLIGHT:
+            self._write_chunk(*self._in_flight.popleft().result())
+
+    def _drain(self) -> None:
+        while self._in_flight:
+            self._write_chunk(*self._in_flight.popleft().result())
+
+    def _write_chunk(self, stored: bytes | memoryview, raw_length: int, compressed: bool, xxh3: int,
+                     sha256: bytes) -> None:
+        self._chunks.append(Chunk(self._size, len(stored), raw_length, xxh3, sha256, compressed))
         self._write(stored)
 
     def finish(self) -> BlobInfo:
@@ -615,6 +636,7 @@ class BlobWriter:
         if self._pending:
             self._emit_chunk(bytes(self._pending))
             self._pending.clear()
+        self._drain()
         tables = LayerTables(
             block_size=self._block_size,
             chunk_size=self._chunk_size,

@@ -1,22 +1,32 @@
-"""OCI distribution (registry v2 API) client: references, credentials and auth, manifests and blobs."""
+"""OCI distribution (registry v2 API) client: references, credentials and auth, manifests and blobs.
 
-from dadi.registry.auth import Credentials, RegistryAuth, default_authfile, load_credentials
-from dadi.registry.client import MANIFEST_ACCEPT, BlobStream, Manifest, RegistryClient
-from dadi.registry.platform import parse_platform, select_platform
-from dadi.registry.reference import DOCKER_HUB_HOST, RegistryRef, parse_registry_ref
+Names are imported on first use (PEP 562): `requests` takes ~50 ms to import, and commands that never
+talk to a registry (converting a local OCI layout, say) should not pay for it.
+"""
 
-__all__ = [
-    "DOCKER_HUB_HOST",
-    "MANIFEST_ACCEPT",
-    "BlobStream",
-    "Credentials",
-    "Manifest",
-    "RegistryAuth",
-    "RegistryClient",
-    "RegistryRef",
-    "default_authfile",
-    "load_credentials",
-    "parse_platform",
-    "parse_registry_ref",
-    "select_platform",
-]
+import importlib
+
+_EXPORTS = {
+    "Credentials": "auth",
+    "RegistryAuth": "auth",
+    "default_authfile": "auth",
+    "load_credentials": "auth",
+    "MANIFEST_ACCEPT": "client",
+    "BlobStream": "client",
+    "Manifest": "client",
+    "RegistryClient": "client",
+    "parse_platform": "platform",
+    "select_platform": "platform",
+    "DOCKER_HUB_HOST": "reference",
+    "RegistryRef": "reference",
+    "parse_registry_ref": "reference",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

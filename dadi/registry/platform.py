@@ -50,6 +50,8 @@ def select_platform(index: Any, platform: str, where: str) -> dict:
             other_variants.append(entry)
     # Asked for no variant: the default variant wins, else any variant of the architecture will do.
     chosen = exact or other_variants
+    if not chosen and len(entries) == 1 and isinstance(entries[0], dict) and not entries[0].get("platform"):
+        chosen = entries  # an index of one manifest that names no platform: the builder meant that one
     if not chosen:
         offered = sorted({_describe(e.get("platform") or {}) for e in entries if isinstance(e, dict)})
         raise ImageError(
