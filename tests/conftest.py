@@ -1,0 +1,75 @@
+"""Shared fixtures: real test images (built once per session), a real docker-registry, loop mounts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Built images survive between runs here (debootstrap takes minutes); `make clean` removes it.
+IMAGE_CACHE = REPO / ".cache" / "test-images"
+
+
+def pytest_collection_modifyitems(config, items):
+    # Everything here needs root for loop mounts / umoci unpack; say so instead of failing obscurely.
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="needs root (loop mounts, umoci unpack as root)")
+        for item in items:
+            if "needs_root" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def busybox_image(tmp_path_factory):
+    from images import build_busybox_image
+
+    return build_busybox_image(tmp_path_factory.mktemp("busybox"))
+
+
+@pytest.fixture(scope="session")
+def debian_image(tmp_path_factory):
+    from images import build_debian_image
+
+    IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
+    return build_debian_image(tmp_path_factory.mktemp("debian"), IMAGE_CACHE)
+
+
+@pytest.fixture
+def registry(tmp_path):
+    from registry_server import RegistryServer
+
+    with RegistryServer(tmp_path / "registry") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def loop_mounted(disk: Path, mountpoint: Path, *, readonly: bool = True):
+    """Mount an ext4 disk file through a loop device; always unmounted (and the loop freed) after."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    opts = "loop,ro" if readonly else "loop"
+    subprocess.run(["mount", "-t", "ext4", "-o", opts, str(disk), str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)
+
+
+def fsck_clean(disk: Path) -> str:
+    """Run `e2fsck -fn`; returns its output, raising AssertionError if it found anything."""
+    result = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True)
+    assert result.returncode == 0, f"e2fsck -fn {disk} exit {result.returncode}:\n{result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def dadi_cli(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `dadi` command as a user would."""
+    exe = shutil.which("dadi", path=str(REPO / ".venv" / "bin")) or "dadi"
+    result = subprocess.run([exe, *args], capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dadi {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
