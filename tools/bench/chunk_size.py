@@ -5,7 +5,7 @@ measures: the compression ratio, lz4 decompression throughput, the read amplific
 (bytes of chunks fetched per byte read), the read amplification of reading random whole files, and the
 size of the tables. Times are medians of several runs; random samples are medians over several seeds.
 
-    .venv/bin/python tools/bench/chunk_size.py [--source DIR ...] [--runs N] [--write docs/BENCHMARKS.md]
+    .venv/bin/python tools/bench/chunk_size.py [--source DIR ...] [--runs N] [--write]
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from pathlib import Path
 import lz4.block
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import write_section  # noqa: E402
 
 from dadi.format.blob import BlobWriter, parse_tables, read_blob_tables, tables_offset  # noqa: E402
 from dadi.format.model import BLOCK_SIZE, DEFAULT_DISK_SIZE, LayerTables  # noqa: E402
@@ -37,7 +40,7 @@ KiB = 1024
 CHUNK_SIZES = [16 * KiB, 32 * KiB, 64 * KiB, 128 * KiB, 256 * KiB, 512 * KiB]
 # A mix a container image holds: executables, Python's stdlib and packages, perl modules, text docs.
 DEFAULT_SOURCES = ["/usr/bin", "/usr/lib/python3", "/usr/lib/python3.11", "/usr/share/perl", "/usr/share/doc"]
-SECTION = "## Chunk size"
+SECTION = "Chunk size"
 
 
 @dataclass
@@ -287,8 +290,6 @@ def measure(image: Image, runs: int) -> list[dict]:
 def markdown(rows: list[dict], image: Image, command: str, runs: int) -> str:
     packed_bytes = sum(count for _, count in image.used_runs) * BLOCK_SIZE
     lines = [
-        SECTION,
-        "",
         f"Command: `{command}`",
         "",
         f"ext4 image (4 KiB blocks, no journal) of {image.staged_bytes / 1e6:.0f} MB of files; packed stream "
@@ -313,26 +314,13 @@ def markdown(rows: list[dict], image: Image, command: str, runs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Put `section` into the document, replacing only the earlier '## Chunk size' section."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--source", action="append", help="directory to put into the image (repeatable)")
     parser.add_argument("--runs", type=int, default=5, help="runs per timing / seeds per sample")
-    parser.add_argument(
-        "--write", type=Path, help="replace the '## Chunk size' section of this markdown file"
-    )
+    parser.add_argument("--write", action="store_true", help="replace the 'Chunk size' section of docs/BENCHMARKS.md")
     args = parser.parse_args()
     sources = args.source or DEFAULT_SOURCES
     command = "python tools/bench/chunk_size.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -342,7 +330,7 @@ def main() -> None:
         table = markdown(rows, image, command.strip(), args.runs)
     print(table)
     if args.write:
-        replace_section(args.write, table)
+        write_section(SECTION, table)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import importlib.util
 import os
-import platform
 import random
 import statistics
 import sys
@@ -27,11 +26,14 @@ from types import ModuleType
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import BENCHMARKS, machine, write_section  # noqa: E402
+
 from dadi.format.model import BLOCK_SIZE, DEFAULT_DISK_SIZE, Extent  # noqa: E402
 
 INDEX_PATH = REPO / "dadi" / "format" / "index.py"
-BENCHMARKS = REPO / "docs" / "BENCHMARKS.md"
-SECTION = "## Merged index lookups"
+SECTION = "Merged index lookups"
 
 
 def load_twin(choice: str) -> ModuleType:
@@ -163,46 +165,10 @@ def check_twins_agree(twins: dict[str, ModuleType], stack, queries: dict[str, ar
         raise SystemExit("the native and python twins disagree on the benchmark stack")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def write_section(lines: list[str]) -> None:
-    """Replace (or append) this tool's section of docs/BENCHMARKS.md, leaving other sections alone.
-    Other tools write their own sections, so read, edit and replace the file in one quick step."""
+def write_lookup_section(lines: list[str]) -> None:
     today = datetime.date.today().isoformat()
-    body = [
-        SECTION,
-        "",
-        f"Measured {today} by `tools/bench/lookup.py` on {cpu_model()}"
-        f" ({os.cpu_count()} cores), Python {platform.python_version()}.",
-        "",
-        *lines,
-        "",
-    ]
-    BENCHMARKS.parent.mkdir(parents=True, exist_ok=True)
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    lines_before: list[str] = []  # up to our section (or the whole file when it has none yet)
-    lines_after: list[str] = []  # the sections after ours
-    seen = skipping = False
-    for line in text.splitlines():
-        if line.startswith("## "):
-            skipping = line.strip() == SECTION
-            seen = seen or skipping
-        if not skipping:
-            (lines_after if seen else lines_before).append(line)
-    while lines_before and not lines_before[-1].strip():
-        lines_before.pop()
-    kept = [*lines_before, "", *body, *lines_after]
-    temporary = BENCHMARKS.with_suffix(f".md.{os.getpid()}")
-    temporary.write_text("\n".join(kept).rstrip("\n") + "\n")
-    os.replace(temporary, BENCHMARKS)
+    body = f"Measured {today} by `tools/bench/lookup.py` on {machine()}.\n\n" + "\n".join(lines)
+    write_section(SECTION, body)
 
 
 def main() -> None:
@@ -217,7 +183,7 @@ def main() -> None:
     lines, _ = run(args.layers, args.extents, args.batch, args.python_batch, args.repeats)
     print("\n".join(lines))
     if args.write:
-        write_section(lines)
+        write_lookup_section(lines)
         print(f"wrote section {SECTION!r} of {BENCHMARKS}")
 
 
