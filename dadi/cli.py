@@ -1,4 +1,4 @@
-"""The dadi command line: `dadi convert`, `dadi export`, `dadi inspect` (node commands come with the daemon)."""
+"""The dadi command line: convert, export and inspect images; mount, run and watch them on nodes."""
 
 from __future__ import annotations
 
@@ -177,11 +177,137 @@ def inspect_cmd(image, plain_http, authfile, as_json):
     _run(work)
 
 
-@main.command("mount", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def mount_cmd():
-    """Mount a dadi image lazily (not built yet: the node daemon is the next milestone)."""
-    click.echo("dadi: error: `dadi mount` is not implemented yet; use `dadi export` and a loop mount", err=True)
-    sys.exit(2)
+def _root_option(f):
+    return click.option(
+        "--root", type=click.Path(file_okay=False), envvar="DADI_ROOT", default="/var/lib/dadi",
+        show_default=True, help="The node daemon's root directory (env DADI_ROOT).",
+    )(f)
+
+
+@main.command("daemon")
+@_root_option
+@click.option("-v", "--verbose", is_flag=True, help="Log every view and prefetch event.")
+def daemon_cmd(root, verbose):
+    """Run the node daemon in the foreground (`dadi mount` starts one in the background when needed).
+
+    It serves the FUSE file system of views under ROOT/fs, the chunk cache under ROOT/cache and a
+    control socket ROOT/control.sock. SIGTERM or SIGINT flush every view and stop it.
+    """
+    import logging
+
+    from dadi.node.daemon import Daemon
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _run(lambda: Daemon(Path(root)).run())
+
+
+@main.command("mount")
+@click.argument("image")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", help="View name: a --rw view's writes are kept under this name across mounts.")
+@click.option("--rw", is_flag=True, help="Mount read-write over a private writable layer.")
+@_root_option
+@_plain_http_option
+@_authfile_option
+@click.option("--no-prefetch", is_flag=True, help="Fetch only what reads need; no background download.")
+@click.option("--io-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a read may wait for the network before it fails with EIO.")
+@click.option("--json", "as_json", is_flag=True, help="Print where the view went as JSON.")
+def mount_cmd(image, directory, name, rw, root, plain_http, authfile, no_prefetch, io_timeout, as_json):
+    """Mount dadi IMAGE (docker://... or oci:DIR:TAG) lazily at DIRECTORY.
+
+    Only the manifest and the layers' tables are fetched now; data is read on demand, then the rest
+    in the background, so that the view soon needs no network at all.
+    """
+    from dadi.node.mounting import mount
+
+    def work():
+        info = mount(Path(root), image, Path(directory), name=name, rw=rw, plain_http=plain_http,
+                     authfile=authfile, prefetch=not no_prefetch, io_timeout=io_timeout)
+        click.echo(json.dumps(info) if as_json else f"mounted {image} at {info['mountpoint']} ({info['loop']})")
+
+    _run(work)
+
+
+@main.command("umount")
+@click.argument("directory", type=click.Path())
+@click.option("--force", is_flag=True, help="Detach lazily even if the mount is busy.")
+@_root_option
+def umount_cmd(directory, force, root):
+    """Unmount the view at DIRECTORY, detach its loop device and flush its writable layer."""
+    from dadi.node.mounting import umount
+
+    _run(lambda: umount(Path(root), Path(directory), force=force))
+
+
+@main.command("ls")
+@_root_option
+@click.option("--json", "as_json", is_flag=True)
+def ls_cmd(root, as_json):
+    """List the views of the daemon under ROOT."""
+    from dadi.node.control import request
+
+    def work():
+        views = request(Path(root), {"op": "list"})["views"]
+        if as_json:
+            click.echo(json.dumps(views, indent=2))
+        for view in [] if as_json else views:
+            click.echo(f"{view['name']}\t{view['image']}\t{'rw' if view['rw'] else 'ro'}\t"
+                       f"{view.get('mountpoint') or '-'}\tprefetch {view['prefetch_state']}")
+
+    _run(work)
+
+
+@main.command("stats")
+@click.argument("directory", type=click.Path())
+@_root_option
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--wait-prefetch", type=float, default=None, metavar="SECONDS",
+              help="First wait (up to SECONDS) until background prefetch is done.")
+def stats_cmd(directory, root, as_json, wait_prefetch):
+    """What the view at DIRECTORY (or named DIRECTORY) read, from where, and how much is local."""
+    from dadi.node.control import request
+    from dadi.node.mounting import find_view
+    from dadi.progress import human_bytes
+
+    def work():
+        name = find_view(Path(root), Path(directory))["name"]
+        if wait_prefetch is not None:
+            stats = request(Path(root), {"op": "wait_prefetch", "name": name, "timeout": wait_prefetch})
+        else:
+            stats = request(Path(root), {"op": "stats", "name": name})
+        stats.pop("ok", None)
+        if as_json:
+            click.echo(json.dumps(stats, indent=2))
+            return
+        click.echo(f"view {stats['name']} of {stats['image']}")
+        click.echo(f"  local: {human_bytes(stats['bytes_local'])} of {human_bytes(stats['bytes_total'])}, "
+                   f"{stats['chunks_local']}/{stats['chunks_total']} chunks; prefetch {stats['prefetch_state']}")
+        click.echo(f"  fetched on demand {human_bytes(stats['bytes_on_demand'])}, "
+                   f"prefetched {human_bytes(stats['bytes_prefetched'])}")
+        click.echo(f"  reads {stats['reads']}, errors {stats['read_errors']}, io timeouts {stats['io_timeouts']}")
+
+    _run(work)
+
+
+@main.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("image")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@_root_option
+@_plain_http_option
+@_authfile_option
+@click.option("--rw", is_flag=True, help="Give the command a writable view (its writes are discarded).")
+def run_cmd(image, command, root, plain_http, authfile, rw):
+    """Mount IMAGE, run COMMAND chrooted into it (with /proc, /sys, /dev), unmount; exit with its code.
+
+    Example: dadi run oci:./img:dadi -- /bin/sh -c 'cat /etc/os-release'
+    """
+    from dadi.node.mounting import run_in_image
+
+    code = _run(lambda: run_in_image(Path(root), image, list(command), rw=rw, plain_http=plain_http,
+                                     authfile=authfile))
+    sys.exit(code)
 
 
 def convert_main() -> None:

@@ -1,0 +1,102 @@
+"""`dadi mount`, `dadi umount`, `dadi run`: a view's FUSE file -> loop device (4 KiB sectors) -> ext4 at DIR."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from dadi.errors import DadiError
+from dadi.node.control import ensure_daemon, request
+
+
+def _run(argv: list[str], what: str) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise DadiError(f"{what}: {' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def default_name(image: str, directory: Path) -> str:
+    """A view name that is the same for the same image at the same place."""
+    digest = hashlib.sha256(f"{image}\n{directory.resolve()}".encode()).hexdigest()[:16]
+    return f"view-{digest}"
+
+
+def mount(root: Path, image: str, directory: Path, *, name: str | None = None, rw: bool = False,
+          plain_http: bool = False, authfile: str | None = None, prefetch: bool = True,
+          io_timeout: float = 30.0, prefetch_delay: float | None = None) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DadiError(f"mount point {directory} is not a directory")
+    name = name or default_name(image, directory)
+    ensure_daemon(root)
+    message = {
+        "op": "add_view", "name": name, "image": image, "rw": rw, "plain_http": plain_http,
+        "authfile": authfile, "prefetch": prefetch, "io_timeout": io_timeout,
+    }
+    if prefetch_delay is not None:
+        message["prefetch_delay"] = prefetch_delay
+    view = request(root, message)
+    loop = None
+    try:
+        loop = _run(["losetup", "--find", "--show", "--sector-size", "4096", *([] if rw else ["--read-only"]),
+                     view["path"]], "attaching the view to a loop device")
+        # noload: never replay a journal on a read-only view; noinit_itable: the image's inode tables
+        # are lazily initialised, and zeroing them would write gigabytes into the writable layer.
+        options = "noinit_itable" if rw else "ro,noload"
+        _run(["mount", "-t", "ext4", "-o", options, loop, str(directory)], f"mounting {image} at {directory}")
+        request(root, {"op": "attach", "name": name, "loop": loop, "mountpoint": str(directory.resolve())})
+    except BaseException:
+        if loop:
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
+        with contextlib.suppress(DadiError):
+            request(root, {"op": "remove_view", "name": name})
+        raise
+    return {"name": name, "loop": loop, "mountpoint": str(directory.resolve()), "disk": view["path"]}
+
+
+def find_view(root: Path, directory: Path) -> dict:
+    target = str(Path(directory).resolve())
+    for view in request(root, {"op": "list"})["views"]:
+        if view.get("mountpoint") == target or view["name"] == str(directory):
+            return view
+    raise DadiError(f"no dadi view is mounted at {directory}")
+
+
+def umount(root: Path, directory: Path, *, force: bool = False) -> dict:
+    view = find_view(root, directory)
+    if view.get("mountpoint"):
+        argv = ["umount", *(["-l"] if force else []), view["mountpoint"]]
+        result = subprocess.run(argv, capture_output=True, text=True)
+        if result.returncode != 0 and os.path.ismount(view["mountpoint"]):
+            raise DadiError(f"umount {view['mountpoint']}: {result.stderr.strip()} (--force detaches it lazily)")
+    if view.get("loop"):
+        subprocess.run(["losetup", "-d", view["loop"]], capture_output=True)
+    request(root, {"op": "remove_view", "name": view["name"]})
+    return view
+
+
+def run_in_image(root: Path, image: str, command: list[str], **mount_options) -> int:
+    """Mount `image`, run `command` chrooted into it with /proc, /sys and /dev, unmount; its exit code."""
+    with tempfile.TemporaryDirectory(prefix="dadi-run-") as tmp:
+        directory = Path(tmp)
+        mount(root, image, directory, **mount_options)
+        binds: list[Path] = []
+        try:
+            for fs_type, source, target in (("proc", "proc", "proc"), ("sysfs", "sys", "sys"), (None, "/dev", "dev")):
+                where = directory / target
+                if not where.is_dir():
+                    continue
+                argv = ["mount", "--bind", source, str(where)] if fs_type is None else \
+                    ["mount", "-t", fs_type, source, str(where)]
+                _run(argv, f"mounting {target} into the image")
+                binds.append(where)
+            return subprocess.run(["chroot", str(directory), *command]).returncode
+        finally:
+            for where in reversed(binds):
+                subprocess.run(["umount", "-l", str(where)], capture_output=True)
+            umount(root, directory, force=True)

@@ -1,0 +1,252 @@
+"""A view: one container's block device, assembled from an image's layers and an optional writable layer.
+
+The read path: merged extent index -> the chunks each layer must supply -> decompressed-chunk memory
+LRU, else the on-disk chunk cache (xxh3 re-check), else the fetcher (sha256 check, single-flight,
+coalesced ranges) -> decompress -> the requested bytes. Holes and zero extents read as zeros; blocks
+the container wrote come from its writable layer. Blocking work (pread, lz4, hashing) runs in worker
+threads under the daemon's limiter, so the trio loop keeps serving other reads.
+
+Every read has a deadline (`io_timeout`): when the network cannot supply a chunk in time the read
+fails (the FUSE layer answers EIO) instead of leaving the container in D state.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from dadi.format.blob import decode_chunk
+from dadi.format.index import ZERO, MergedIndex
+from dadi.format.model import LayerTables
+
+# Decompressed chunks kept in memory, shared by the views of a daemon.
+DEFAULT_MEMORY_CACHE = 64 << 20
+
+
+@dataclass
+class LayerBlob:
+    """One layer of a view: the blob, its verified tables and its local cache."""
+
+    digest: str
+    size: int
+    tables: LayerTables
+    cache: Any  # dadi.node.chunkcache.BlobCache
+
+
+@dataclass
+class ViewStats:
+    reads: int = 0
+    read_errors: int = 0
+    io_timeouts: int = 0
+    writes: int = 0
+    bytes_read: int = 0
+    bytes_on_demand: int = 0  # stored bytes fetched because a read needed them
+    bytes_prefetched: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+
+
+class ChunkLRU:
+    """Decompressed chunks by (blob digest, chunk index), bounded by bytes; thread safe."""
+
+    def __init__(self, capacity: int = DEFAULT_MEMORY_CACHE):
+        self.capacity = capacity
+        self._items: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> bytes | None:
+        with self._lock:
+            raw = self._items.get(key)
+            if raw is not None:
+                self._items.move_to_end(key)
+            return raw
+
+    def put(self, key: tuple[str, int], raw: bytes) -> None:
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = raw
+            self._size += len(raw)
+            while self._size > self.capacity and self._items:
+                _, old = self._items.popitem(last=False)
+                self._size -= len(old)
+
+
+class ReadFailed(Exception):
+    """A read could not be served: no source could supply a chunk it needs."""
+
+
+class ReadTimeout(ReadFailed):
+    """A read could not be served before its deadline."""
+
+
+class View:
+    def __init__(self, name: str, layers: list[LayerBlob], *, fetcher, limiter: trio.CapacityLimiter,
+                 memory: ChunkLRU, writable=None, io_timeout: float = 30.0):
+        self.name = name
+        self.layers = layers
+        self.fetcher = fetcher
+        self.limiter = limiter
+        self.memory = memory
+        self.writable = writable
+        self.io_timeout = io_timeout
+        self.stats = ViewStats()
+        self._store_lock = threading.Lock()
+        tables = [layer.tables for layer in layers]
+        self.block_size = tables[0].block_size
+        self.disk_size = tables[0].disk_size
+        self.index = MergedIndex([t.extents for t in tables], block_size=self.block_size, disk_size=self.disk_size)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of the disk, clipped at its end; ReadTimeout past the deadline."""
+        length = max(0, min(length, self.disk_size - offset))
+        if length == 0:
+            return b""
+        self.stats.reads += 1
+        deadline = trio.current_time() + self.io_timeout
+        try:
+            if self.writable is None:
+                data = await self._read_lower(offset, length, deadline)
+            else:
+                parts = []
+                for run_offset, run_length, written in self.writable.runs(offset, length):
+                    if written:
+                        parts.append(await self._in_thread(self.writable.read, run_offset, run_length))
+                    else:
+                        parts.append(await self._read_lower(run_offset, run_length, deadline))
+                data = b"".join(parts)
+        except ReadTimeout:
+            self.stats.io_timeouts += 1
+            self.stats.read_errors += 1
+            raise
+        except ReadFailed:
+            self.stats.read_errors += 1
+            raise
+        except Exception:
+            self.stats.read_errors += 1
+            raise
+        self.stats.bytes_read += len(data)
+        return data
+
+    async def _read_lower(self, offset: int, length: int, deadline: float) -> bytes:
+        parts = []
+        for piece in self.index.lookup(offset, length):
+            if piece.layer == ZERO:
+                parts.append(bytes(piece.length))
+            else:
+                parts.append(await self._packed(piece.layer, piece.packed_offset, piece.length, deadline))
+        return b"".join(parts)
+
+    async def _packed(self, layer_index: int, packed_offset: int, length: int, deadline: float,
+                      purpose: str = "on_demand") -> bytes:
+        layer = self.layers[layer_index]
+        tables = layer.tables
+        first = tables.chunk_of(packed_offset)
+        last = tables.chunk_of(packed_offset + length - 1)
+        raws = await self.chunks(layer, range(first, last + 1), deadline, purpose)
+        start = packed_offset - first * tables.chunk_size
+        return b"".join(raws)[start:start + length]
+
+    async def chunks(self, layer: LayerBlob, indexes: range | list[int], deadline: float,
+                     purpose: str = "on_demand") -> list[bytes]:
+        """The decompressed chunks `indexes` of a layer, in order: memory, local cache, then network."""
+        raws: dict[int, bytes] = {}
+        for i in indexes:
+            raw = self.memory.get((layer.digest, i))
+            if raw is not None:
+                raws[i] = raw
+        wanted = [i for i in indexes if i not in raws]
+        if wanted:
+            local = await self._in_thread(self._read_local, layer, wanted)
+            raws.update(local)
+            missing = [i for i in wanted if i not in local]
+            if missing:
+                raws.update(await self._fetch(layer, missing, deadline, purpose))
+        return [raws[i] for i in indexes]
+
+    def _read_local(self, layer: LayerBlob, indexes: list[int]) -> dict[int, bytes]:
+        out = {}
+        chunks = layer.tables.chunks
+        for i in indexes:
+            stored = layer.cache.read_stored(i)  # xxh3-checked; None if absent or damaged
+            if stored is not None:
+                raw = decode_chunk(stored, chunks[i], verify="none")
+                self.memory.put((layer.digest, i), raw)
+                out[i] = raw
+        return out
+
+    async def _fetch(self, layer: LayerBlob, indexes: list[int], deadline: float, purpose: str) -> dict[int, bytes]:
+        if trio.current_time() >= deadline:
+            raise ReadTimeout(f"{layer.digest}: no time left to fetch {len(indexes)} chunks")
+        from dadi.node.fetch import FetchError, FetchTimeout
+
+        try:
+            stored = await self.fetcher.fetch(layer.digest, layer.tables.chunks, indexes, deadline=deadline,
+                                              purpose=purpose)
+        except FetchTimeout as e:
+            raise ReadTimeout(str(e)) from e
+        except FetchError as e:  # every source failed every retry: the read fails now, not at the deadline
+            raise ReadFailed(str(e)) from e
+        return await self._in_thread(self._store, layer, stored, purpose)
+
+    def _store(self, layer: LayerBlob, stored: dict[int, bytes], purpose: str) -> dict[int, bytes]:
+        out = {}
+        chunks = layer.tables.chunks
+        for i, data in stored.items():
+            # Concurrent reads of one chunk share its fetch (single-flight) and all get its bytes: only
+            # the first to store it counts it, so the figures say what crossed the network.
+            with self._store_lock:
+                new = not layer.cache.has(i)
+                if new:
+                    layer.cache.put_stored(i, data)
+            if new:
+                if purpose == "prefetch":
+                    self.stats.bytes_prefetched += len(data)
+                else:
+                    self.stats.bytes_on_demand += len(data)
+            raw = decode_chunk(data, chunks[i], verify="none")  # the fetcher checked sha256
+            self.memory.put((layer.digest, i), raw)
+            out[i] = raw
+        return out
+
+    async def _in_thread(self, fn, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes) -> int:
+        if self.writable is None:
+            raise PermissionError(f"view {self.name} is read-only")
+        if offset + len(data) > self.disk_size:
+            raise ValueError(f"write of {len(data)} bytes at {offset} ends past the disk")
+        self.stats.writes += 1
+        deadline = trio.current_time() + self.io_timeout
+        block = self.block_size
+        # Partial blocks at either end are completed from below (copy-up): read those first, here,
+        # where lower reads may await the network; the layer's own write then runs in a thread.
+        edges = {offset - offset % block, (offset + len(data) - 1) // block * block}
+        lower = {}
+        for edge in edges:
+            partial = offset > edge or offset + len(data) < edge + block
+            if partial:
+                lower[edge] = await self._read_lower(edge, block, deadline)
+        await self._in_thread(self.writable.write, offset, data, lambda o, n: lower[o][:n])
+        return len(data)
+
+    async def flush(self) -> None:
+        if self.writable is not None:
+            await self._in_thread(self.writable.flush)
+        for layer in self.layers:
+            await self._in_thread(layer.cache.flush)
+
+    async def close(self) -> None:
+        """Flush everything; the writable layer is released for the next mount of this name."""
+        await self.flush()
+        if self.writable is not None:
+            await self._in_thread(self.writable.close)

@@ -1,0 +1,113 @@
+"""dadi mount end to end: the real daemon, real FUSE, real loop devices and ext4, compared with umoci unpack."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import dadi_cli
+
+from dadi.errors import DadiError
+from dadi.node.control import request
+
+pytestmark = pytest.mark.needs_root
+
+
+@pytest.fixture(scope="module")
+def dadi_busybox(busybox_image, tmp_path_factory):
+    """The busybox test image converted into an OCI layout: (dadi ref, source layout, source tag)."""
+    layout, tag = busybox_image
+    out = tmp_path_factory.mktemp("dadi-busybox")
+    dadi_cli("convert", f"oci:{layout}:{tag}", f"oci:{out}:dadi", "--cache-dir", str(out / "cache"), "-q")
+    return f"oci:{out}:dadi", layout, tag
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A daemon root; afterwards every view is unmounted and the daemon stopped, even on failure."""
+    root = tmp_path / "root"
+    yield root
+    if not (root / "control.sock").exists():
+        return
+    try:
+        views = request(root, {"op": "list"})["views"]
+        pid = request(root, {"op": "ping"})["pid"]
+    except DadiError:
+        views, pid = [], None
+    for view in views:
+        dadi_cli("umount", "--force", "--root", str(root), view["name"], check=False)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    subprocess.run(["umount", "-l", str(root / "fs")], capture_output=True)
+
+
+def mount(ref: str, directory: Path, root: Path, *extra: str) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    return json.loads(dadi_cli("mount", ref, str(directory), "--root", str(root), "--json", *extra).stdout)
+
+
+def stats(directory: Path, root: Path, *extra: str) -> dict:
+    return json.loads(dadi_cli("stats", str(directory), "--root", str(root), "--json", *extra).stdout)
+
+
+def test_lazy_mount_shows_the_same_tree_as_umoci_unpack(dadi_busybox, node, tmp_path):
+    from images import umoci_unpack
+    from treecompare import compare_trees
+
+    ref, layout, tag = dadi_busybox
+    mnt = tmp_path / "mnt"
+    mount(ref, mnt, node, "--no-prefetch")
+    expected = umoci_unpack(layout, tag, tmp_path / "bundle")
+    differences = compare_trees(expected, mnt)
+    assert differences == [], "lazy mount differs from umoci unpack:\n" + "\n".join(differences[:50])
+    after = stats(mnt, node)
+    assert after["prefetch_state"] == "disabled"
+    assert after["reads"] > 0 and after["read_errors"] == 0
+    assert 0 < after["bytes_on_demand"] <= after["bytes_total"]
+    dadi_cli("umount", str(mnt), "--root", str(node))
+    assert not os.path.ismount(mnt)
+
+
+def test_prefetch_makes_every_chunk_local(dadi_busybox, node, tmp_path):
+    ref, _, _ = dadi_busybox
+    mnt = tmp_path / "mnt"
+    mount(ref, mnt, node)
+    assert subprocess.run([str(mnt / "bin" / "busybox"), "true"]).returncode == 0
+    done = stats(mnt, node, "--wait-prefetch", "120")
+    assert done["prefetch_state"] == "done"
+    assert done["chunks_local"] == done["chunks_total"]
+    assert done["bytes_prefetched"] > 0
+
+
+def test_writable_views_persist_and_stay_private(dadi_busybox, node, tmp_path):
+    ref, _, _ = dadi_busybox
+    a, b = tmp_path / "a", tmp_path / "b"
+    mount(ref, a, node, "--rw", "--name", "ctr-a", "--no-prefetch")
+    mount(ref, b, node, "--rw", "--name", "ctr-b", "--no-prefetch")
+    (a / "etc" / "written-by-a").write_text("hello from a\n")
+    assert not (b / "etc" / "written-by-a").exists()
+    dadi_cli("umount", str(a), "--root", str(node))
+    mount(ref, a, node, "--rw", "--name", "ctr-a", "--no-prefetch")
+    assert (a / "etc" / "written-by-a").read_text() == "hello from a\n"
+    assert not (b / "etc" / "written-by-a").exists()
+
+
+def test_run_returns_the_commands_exit_code(dadi_busybox, node):
+    ref, _, _ = dadi_busybox
+    result = dadi_cli("run", "--root", str(node), ref, "--", "/bin/busybox", "sh", "-c",
+                      "cat /etc/hostname-probe 2>/dev/null; ls /proc/self >/dev/null && exit 7", check=False)
+    assert result.returncode == 7, result.stderr
+
