@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import subprocess
@@ -57,6 +58,17 @@ def loop_mounted(disk: Path, mountpoint: Path, *, readonly: bool = True):
         yield mountpoint
     finally:
         subprocess.run(["umount", str(mountpoint)], check=False)
+
+
+def pseudo_random(seed: object, size: int) -> bytes:
+    """Incompressible, reproducible bytes that differ at every offset: sha256 in counter mode
+    (random.Random's bytes may change across Python versions, and golden tests must not)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
 
 
 def fsck_clean(disk: Path) -> str:

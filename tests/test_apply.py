@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,9 @@ def test_a_symlink_is_stored_not_followed(disk, tmp_path):
     apply(disk, tree, TarBuilder().symlink("escape", "/root").symlink("up", "../../..").build(), tmp_path)
     fsck_clean(disk)
     assert tree.kind("escape") == "l" and tree.kind("up") == "l"
+    for name, target in (("escape", "/root"), ("up", "../../..")):
+        shown = subprocess.run(["debugfs", "-R", f"stat /{name}", str(disk)], capture_output=True, text=True).stdout
+        assert f'Fast link dest: "{target}"' in shown, shown
 
 
 def test_the_tree_model_survives_a_round_trip_and_matches_the_layer(disk, tmp_path):

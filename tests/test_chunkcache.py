@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import pseudo_random
 
 from dadi.errors import DadiError
 from dadi.format.blob import (
@@ -70,15 +71,6 @@ class Blob:
     def fill(self, cache_blob, indexes=None) -> None:
         for i in range(len(self.tables.chunks)) if indexes is None else indexes:
             cache_blob.put_stored(i, self.stored(i))
-
-
-def pseudo_random(seed: str, size: int) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 def flip_byte(path: Path, offset: int) -> None:

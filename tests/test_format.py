@@ -11,6 +11,7 @@ import struct
 import lz4.block
 import msgpack
 import pytest
+from conftest import pseudo_random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,17 +40,6 @@ from dadi.format.blob import (
 from dadi.format.model import BLOCK_SIZE, DEFAULT_DISK_SIZE, Chunk, Extent, LayerTables
 
 MiB = 1 << 20
-
-
-def pseudo_random(seed: int, size: int) -> bytes:
-    """Incompressible, reproducible bytes: sha256 in counter mode (random.Random's bytes may change across
-    Python versions, and golden tests must not)."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 def text_like(seed: int, size: int) -> bytes:

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import pseudo_random
 from registry_server import RegistryServer, write_authfile
 
 from dadi.errors import DadiError, ImageError, RegistryError
@@ -29,16 +30,6 @@ DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def payload(size: int, seed: int = 0) -> bytes:
-    """Deterministic bytes that differ at every offset, so a shifted range cannot pass as right."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +58,7 @@ def push_image(
     config = json.dumps(
         {"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
     ).encode()
-    layer = payload(3000, seed=hash(arch) % 1000)
+    layer = pseudo_random(hash(arch) % 1000, 3000)
     for blob in (config, layer):
         client.put_blob(repo, sha(blob), blob, len(blob))
     manifest = {
@@ -143,7 +134,7 @@ def test_malformed_reference_is_refused_with_the_reason(text, complaint):
 
 
 def test_monolithic_blob_push_then_pull_and_second_push_is_skipped(client):
-    data = payload(100_000)
+    data = pseudo_random(0, 100_000)
     digest = sha(data)
     assert client.head_blob("dadi/one", digest) is None
     assert client.put_blob("dadi/one", digest, data, len(data)) == "uploaded"
@@ -154,7 +145,7 @@ def test_monolithic_blob_push_then_pull_and_second_push_is_skipped(client):
 
 @pytest.mark.parametrize("source_kind", ["path", "stream"])
 def test_chunked_upload_from_file_or_stream_arrives_whole(client, tmp_path, source_kind):
-    data = payload(10_017, seed=7)
+    data = pseudo_random(7, 10_017)
     digest = sha(data)
     path = tmp_path / "blob"
     path.write_bytes(data)
@@ -169,7 +160,7 @@ def test_chunked_upload_from_file_or_stream_arrives_whole(client, tmp_path, sour
 
 
 def test_range_reads_return_exactly_the_bytes_asked_for(client):
-    data = payload(50_000, seed=3)
+    data = pseudo_random(3, 50_000)
     digest = sha(data)
     client.put_blob("dadi/ranges", digest, data, len(data))
     assert client.get_blob("dadi/ranges", digest, offset=12_345, length=4096) == data[12_345 : 12_345 + 4096]
@@ -191,12 +182,12 @@ def test_absent_blob_is_none_on_head_and_a_named_error_on_get(client):
 
 
 def test_cross_repository_mount_sends_no_bytes_and_falls_back_when_absent(client):
-    data = payload(20_000, seed=11)
+    data = pseudo_random(11, 20_000)
     digest = sha(data)
     client.put_blob("dadi/base", digest, data, len(data))
     assert client.put_blob("dadi/derived", digest, data, len(data), mount_from="dadi/base") == "mounted"
     assert client.get_blob("dadi/derived", digest) == data
-    other = payload(777, seed=12)
+    other = pseudo_random(12, 777)
     # Not in the source repository: the registry opens an upload session instead, and we use it.
     assert (
         client.put_blob("dadi/derived", sha(other), other, len(other), mount_from="dadi/base") == "uploaded"
@@ -381,7 +372,7 @@ def test_missing_or_broken_authfile_is_named(auth_registry, tmp_path):
 
 
 def test_registry_restart_loses_nothing_and_a_dead_registry_is_a_clear_error(registry, client):
-    data = payload(5000)
+    data = pseudo_random(0, 5000)
     client.put_blob("dadi/persist", sha(data), data, len(data))
     registry.stop()
     with RegistryClient(registry.host, plain_http=True, retries=1, backoff=0.01) as impatient:
@@ -485,7 +476,7 @@ def test_lying_registry_manifest_by_digest_names_expected_and_actual():
 
 
 def test_lying_registry_blob_is_caught_whole_and_streamed():
-    right, wrong = payload(70_000, seed=1), payload(70_000, seed=2)
+    right, wrong = pseudo_random(1, 70_000), pseudo_random(2, 70_000)
 
     def app(method, path, headers, body):
         return 200, {"Content-Type": "application/octet-stream"}, wrong
@@ -500,7 +491,7 @@ def test_lying_registry_blob_is_caught_whole_and_streamed():
 
 
 def test_broken_blob_stream_resumes_with_a_range_request_and_verifies():
-    data = payload(200_000, seed=5)
+    data = pseudo_random(5, 200_000)
 
     def app(method, path, headers, body):
         if "range" not in headers:
@@ -519,7 +510,7 @@ def test_broken_blob_stream_resumes_with_a_range_request_and_verifies():
 
 
 def test_blob_stream_that_always_breaks_is_a_clear_error():
-    data = payload(10_000, seed=6)
+    data = pseudo_random(6, 10_000)
 
     def app(method, path, headers, body):
         if "range" in headers:
@@ -568,7 +559,7 @@ def test_5xx_that_persists_reports_the_registry_text():
 
 
 def test_upload_failing_mid_way_restarts_the_session_with_relative_locations():
-    data = payload(3000, seed=9)
+    data = pseudo_random(9, 3000)
     state = {"sessions": 0, "put_failures": 1, "stored": None}
 
     def app(method, path, headers, body):

@@ -287,7 +287,7 @@ class LayerContents:
                 os.write(fd, chunk)
                 remaining -= len(chunk)
             perm = tarinfo.mode & 0o7777
-            if _SPOOL_CARRIES_ANY_MODE or perm & 0o6400 == 0o400:
+            if _spool_carries_mode(perm):
                 os.fchmod(fd, perm)
         finally:
             os.close(fd)

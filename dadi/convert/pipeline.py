@@ -293,12 +293,8 @@ def _convert_layer(reader: _LayerPrefetcher, packer: Executor, i, diff_id, chain
     blob_tmp = cache.new_blob_file()
     try:
         info = _write_blob(disk.path, runs, blob_tmp, options, packer)
-        cache.store(
-            key,
-            ChainEntry(chain_id, diff_id, info.digest, info.size, info.tables_digest, info.tables_size),
-            blob_tmp,
-            disk.tree.to_bytes(),
-        )
+        entry = ChainEntry(chain_id, diff_id, info.digest, info.size, info.tables_digest, info.tables_size)
+        cache.store(key, entry, blob_tmp, disk.tree.to_bytes())
     finally:
         if blob_tmp.exists():
             blob_tmp.unlink()
@@ -309,7 +305,7 @@ def _convert_layer(reader: _LayerPrefetcher, packer: Executor, i, diff_id, chain
         f"read {read}, {stats.entries} entries, {human_bytes(changed)} of changed blocks "
         f"-> {human_bytes(info.size)} blob {info.digest[7:19]}"
     )
-    return cache.lookup(key)
+    return entry
 
 
 def _write_blob(disk_path: Path, runs, out_path: Path, options: ConvertOptions, executor: Executor):

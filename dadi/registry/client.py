@@ -23,7 +23,9 @@ from urllib.parse import urlencode, urljoin
 import requests
 import urllib3
 
+from dadi.digests import check_digest
 from dadi.errors import ImageError, RegistryError
+from dadi.image.manifest import is_index
 from dadi.image.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, INDEX_TYPES, OCI_INDEX, OCI_MANIFEST
 from dadi.registry.auth import RegistryAuth
 from dadi.registry.platform import select_platform
@@ -62,14 +64,11 @@ def _sha256(data: bytes) -> str:
 
 
 def _check_digest(digest: str, what: str) -> str:
-    if (
-        not isinstance(digest, str)
-        or not digest.startswith("sha256:")
-        or len(digest) != 71
-        or any(c not in "0123456789abcdef" for c in digest[7:])
-    ):
-        raise RegistryError(f"{what}: not a sha256 digest: {digest!r}")
-    return digest
+    """dadi.digests.check_digest, raising the registry's own error type."""
+    try:
+        return check_digest(digest, what)
+    except ImageError as e:
+        raise RegistryError(str(e)) from None
 
 
 def _network_error_text(exc: Exception) -> str:
@@ -280,7 +279,7 @@ class RegistryClient:
             body = manifest.json()
         except ValueError:
             return False
-        return isinstance(body, dict) and "manifests" in body and "layers" not in body
+        return isinstance(body, dict) and is_index(body, None)
 
     def _fetch_manifest(self, repository: str, reference: str) -> Manifest:
         by_digest = ":" in reference

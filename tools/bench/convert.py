@@ -27,15 +27,6 @@ from images import build_debian_image  # noqa: E402
 from report import drop_caches, machine, median_seconds, write_section  # noqa: E402
 
 DADI = str(REPO / ".venv" / "bin" / "dadi")
-# What moved the ratio, measured with this script on 2026-11-24 (same machine), kept for the next person.
-HISTORY = """
-How it got there (2026-11-24, medians of 3-5 runs, same machine): the first working converter took
-4.17 s (1.96x). Spooling file contents to tmpfs instead of the disk work directory: 4.2 -> 3.2 s (a
-file creation on a cold ext4 cost ~280 us, on tmpfs ~9 us). Reading the next layers in a thread while
-debugfs applies the current one, inflating in a thread of its own, lz4 in a pool: 3.2 -> 3.05 s.
-tarfile's stream buffer from 1 MiB to 64 KiB (it copies the buffer's rest on every read): base layer
-read 0.86 -> 0.69 s. Reading two layers ahead instead of one, `requests` imported lazily: 2.5-2.6 s.
-"""
 
 
 def main() -> int:
@@ -103,7 +94,6 @@ def main() -> int:
             f"{src_bytes / 1e6 / dadi_s:.1f} |\n\n"
             f"dadi convert / umoci unpack = **{ratio:.2f}x** (goal <= 1.5x). "
             f"dadi image: {last['dadi_bytes'] / 1e6:.1f} MB ({last['size_ratio']} of the gzip source).\n"
-            + HISTORY
         )
         print(body)
         if args.write:
