@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -111,3 +112,40 @@ def test_run_returns_the_commands_exit_code(dadi_busybox, node):
                       "cat /etc/hostname-probe 2>/dev/null; ls /proc/self >/dev/null && exit 7", check=False)
     assert result.returncode == 7, result.stderr
 
+
+
+def test_a_registry_outage_fails_reads_with_eio_and_they_recover(busybox_image, registry, node, tmp_path):
+    layout, tag = busybox_image
+    ref = f"docker://{registry.host}/dadi/busybox:v1"
+    dadi_cli("convert", f"oci:{layout}:{tag}", ref, "--plain-http", "--cache-dir", str(tmp_path / "c"), "-q")
+    mnt = tmp_path / "mnt"
+    mount(ref, mnt, node, "--plain-http", "--no-prefetch", "--io-timeout", "3")
+    assert subprocess.run([str(mnt / "bin" / "busybox"), "true"]).returncode == 0
+    registry.stop()
+    # In a child process: if the read hung (D state), the test must fail, not hang with it.
+    reader = subprocess.Popen(["python3", "-c", f"open({str(mnt / 'big' / 'holes.bin')!r}, 'rb').read()"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = reader.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a read of data that is not local hung while the registry was down")
+    assert reader.returncode != 0 and "Input/output error" in err
+    assert stats(mnt, node)["read_errors"] >= 1
+    registry.start()
+    assert len((mnt / "big" / "holes.bin").read_bytes()) == 4 * 1024 * 1024
+
+
+def test_after_prefetch_the_tree_reads_without_the_registry(busybox_image, registry, node, tmp_path):
+    from images import umoci_unpack
+    from treecompare import compare_trees
+
+    layout, tag = busybox_image
+    ref = f"docker://{registry.host}/dadi/busybox:v1"
+    dadi_cli("convert", f"oci:{layout}:{tag}", ref, "--plain-http", "--cache-dir", str(tmp_path / "c"), "-q")
+    mnt = tmp_path / "mnt"
+    mount(ref, mnt, node, "--plain-http", "--io-timeout", "3")
+    assert stats(mnt, node, "--wait-prefetch", "120")["prefetch_state"] == "done"
+    registry.stop()
+    differences = compare_trees(umoci_unpack(layout, tag, tmp_path / "bundle"), mnt)
+    assert differences == [], "\n".join(differences[:50])
+    assert stats(mnt, node)["read_errors"] == 0

@@ -43,7 +43,11 @@ def mount(root: Path, image: str, directory: Path, *, name: str | None = None, r
     view = request(root, message)
     loop = None
     try:
-        loop = _run(["losetup", "--find", "--show", "--sector-size", "4096", *([] if rw else ["--read-only"]),
+        # --direct-io: the loop driver reads the view with O_DIRECT, straight from the daemon. Through the
+        # FUSE file's page cache a failed read came back as a short read, which the loop driver retries
+        # at once, forever: the container sat in D state while the registry was down. Direct I/O also
+        # keeps the bytes out of a second page cache (ext4's above the loop device is the one that counts).
+        loop = _run(["losetup", "--find", "--show", "--sector-size", "4096", "--direct-io=on", *([] if rw else ["--read-only"]),
                      view["path"]], "attaching the view to a loop device")
         # noload: never replay a journal on a read-only view; noinit_itable: the image's inode tables
         # are lazily initialised, and zeroing them would write gigabytes into the writable layer.
