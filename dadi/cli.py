@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -12,26 +11,35 @@ import click
 from dadi import __version__
 from dadi.errors import DadiError
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'64G', '64GiB', '65536', '64k' -> bytes (binary units)."""
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a size (e.g. 64KiB, 64G)")
-    number, unit = int(match.group(1)), match.group(2).lower()
-    return number << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[unit]
-
 
 class SizeType(click.ParamType):
     name = "size"
 
     def convert(self, value, param, ctx):
-        return value if isinstance(value, int) else parse_size(value)
+        from dadi.units import parse_size
+
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 SIZE = SizeType()
+
+
+class RateType(click.ParamType):
+    name = "rate"
+
+    def convert(self, value, param, ctx):
+        from dadi.units import parse_rate
+
+        try:
+            return parse_rate(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+RATE = RateType()
 
 
 def _registry_options(plain_http: bool, authfile: str | None, platform: str = "linux/amd64"):
@@ -184,22 +192,44 @@ def _root_option(f):
     )(f)
 
 
+def _daemon_setting_options(f):
+    f = click.option("--cache-quota", type=SIZE, default=None,
+                     help="Evict cached blobs no view uses, least recently used first, above this size.")(f)
+    f = click.option("--prefetch-bandwidth", type=RATE, default=None, metavar="RATE",
+                     help="Cap background prefetch at RATE (e.g. 100MiB/s); reads are never capped.")(f)
+    return f
+
+
 @main.command("daemon")
 @_root_option
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="Settings file (TOML) [default: ROOT/daemon.toml when it exists].")
+@_daemon_setting_options
+@click.option("--prefetch-delay", type=float, default=None, metavar="SECONDS",
+              help="Seconds after a mount before background prefetch starts [2].")
 @click.option("-v", "--verbose", is_flag=True, help="Log every view and prefetch event.")
-def daemon_cmd(root, verbose):
+def daemon_cmd(root, config_file, cache_quota, prefetch_bandwidth, prefetch_delay, verbose):
     """Run the node daemon in the foreground (`dadi mount` starts one in the background when needed).
 
     It serves the FUSE file system of views under ROOT/fs, the chunk cache under ROOT/cache and a
-    control socket ROOT/control.sock. SIGTERM or SIGINT flush every view and stop it.
+    control socket ROOT/control.sock. SIGTERM or SIGINT flush every view and stop it. Settings come
+    from the config file, then from these options (docs/ARCHITECTURE.md lists them).
     """
     import logging
 
+    from dadi.node.config import CONFIG_NAME, load_config
     from dadi.node.daemon import Daemon
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _run(lambda: Daemon(Path(root)).run())
+
+    def work():
+        path = Path(config_file) if config_file else Path(root) / CONFIG_NAME
+        config = load_config(path, required=bool(config_file)).with_overrides(
+            cache_quota=cache_quota, prefetch_bandwidth=prefetch_bandwidth, prefetch_delay=prefetch_delay)
+        Daemon(Path(root), config).run()
+
+    _run(work)
 
 
 @main.command("mount")
@@ -213,18 +243,31 @@ def daemon_cmd(root, verbose):
 @click.option("--no-prefetch", is_flag=True, help="Fetch only what reads need; no background download.")
 @click.option("--io-timeout", type=float, default=30.0, show_default=True,
               help="Seconds a read may wait for the network before it fails with EIO.")
+@click.option("--prefetch-delay", type=float, default=None, metavar="SECONDS",
+              help="Seconds before background prefetch starts [daemon's setting, 2].")
+@click.option("--record-trace", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Record the chunks this view reads in its first seconds to FILE (see `dadi trace`).")
+@click.option("--trace-seconds", type=float, default=None, metavar="SECONDS",
+              help="How long --record-trace records [daemon's setting, 30].")
+@_daemon_setting_options
 @click.option("--json", "as_json", is_flag=True, help="Print where the view went as JSON.")
-def mount_cmd(image, directory, name, rw, root, plain_http, authfile, no_prefetch, io_timeout, as_json):
+def mount_cmd(image, directory, name, rw, root, plain_http, authfile, no_prefetch, io_timeout, prefetch_delay,
+              record_trace, trace_seconds, cache_quota, prefetch_bandwidth, as_json):
     """Mount dadi IMAGE (docker://... or oci:DIR:TAG) lazily at DIRECTORY.
 
     Only the manifest and the layers' tables are fetched now; data is read on demand, then the rest
-    in the background, so that the view soon needs no network at all.
+    in the background (the image's trace first, when one was pushed), so that the view soon needs no
+    network at all. --cache-quota and --prefetch-bandwidth change the running daemon's settings.
     """
     from dadi.node.mounting import mount
 
     def work():
+        settings = {k: v for k, v in (("cache_quota", cache_quota), ("prefetch_bandwidth", prefetch_bandwidth))
+                    if v is not None}
         info = mount(Path(root), image, Path(directory), name=name, rw=rw, plain_http=plain_http,
-                     authfile=authfile, prefetch=not no_prefetch, io_timeout=io_timeout)
+                     authfile=authfile, prefetch=not no_prefetch, io_timeout=io_timeout,
+                     prefetch_delay=prefetch_delay, record_trace=Path(record_trace).resolve() if record_trace else None,
+                     trace_seconds=trace_seconds, settings=settings)
         click.echo(json.dumps(info) if as_json else f"mounted {image} at {info['mountpoint']} ({info['loop']})")
 
     _run(work)
@@ -286,7 +329,73 @@ def stats_cmd(directory, root, as_json, wait_prefetch):
                    f"{stats['chunks_local']}/{stats['chunks_total']} chunks; prefetch {stats['prefetch_state']}")
         click.echo(f"  fetched on demand {human_bytes(stats['bytes_on_demand'])}, "
                    f"prefetched {human_bytes(stats['bytes_prefetched'])}")
-        click.echo(f"  reads {stats['reads']}, errors {stats['read_errors']}, io timeouts {stats['io_timeouts']}")
+        click.echo(f"  {stats['layers_verified']}/{stats['layers_total']} layers complete and verified"
+                   + (f"; trace: {stats['trace_chunks']} chunks" if stats["trace_chunks"] is not None else ""))
+        click.echo(f"  reads {stats['reads']}, errors {stats['read_errors']}, io timeouts {stats['io_timeouts']}, "
+                   f"corrupt chunks {stats['corrupt_chunks']}")
+
+    _run(work)
+
+
+@main.command("gc")
+@_root_option
+@click.option("--quota", type=SIZE, default=None,
+              help="Keep the cache within this size, evicting least recently used blobs first; "
+                   "without it, remove every blob no view uses.")
+@click.option("--json", "as_json", is_flag=True)
+def gc_cmd(root, quota, as_json):
+    """Free chunk-cache space: remove cached blobs that no mounted view uses.
+
+    Goes through the daemon when one runs under ROOT (it knows which blobs are in use), else works on
+    ROOT/cache directly.
+    """
+    from dadi.node.control import DaemonNotRunning, request
+    from dadi.progress import human_bytes
+
+    def work():
+        try:
+            result = request(Path(root), {"op": "gc", "quota": quota})
+            result.pop("ok", None)
+        except DaemonNotRunning:
+            from dadi.node.chunkcache import ChunkCache
+
+            with ChunkCache(Path(root) / "cache") as cache:
+                before = cache.usage()
+                removed = cache.gc() if quota is None else cache.evict(quota)
+                result = {"removed": removed, "freed": before - cache.usage(), "usage": cache.usage()}
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        else:
+            click.echo(f"removed {len(result['removed'])} blobs, freed {human_bytes(result['freed'])}; "
+                       f"the cache now holds {human_bytes(result['usage'])}")
+
+    _run(work)
+
+
+@main.group("trace")
+def trace_group():
+    """Access traces: what a container reads first, so that later mounts prefetch it first.
+
+    Record one with `dadi mount --record-trace FILE`, store it beside the image with `dadi trace
+    push`; every mount of that image then finds it (docs/FORMAT.md, "Traces").
+    """
+
+
+@trace_group.command("push")
+@click.argument("image")
+@click.argument("trace_file", type=click.Path(exists=True, dir_okay=False))
+@_plain_http_option
+@_authfile_option
+@click.option("--json", "as_json", is_flag=True)
+def trace_push_cmd(image, trace_file, plain_http, authfile, as_json):
+    """Store TRACE_FILE beside IMAGE (docker://... or oci:DIR:TAG) for its later mounts."""
+    from dadi.image.transports import parse_image_ref
+    from dadi.node.trace import push_trace
+
+    def work():
+        result = push_trace(parse_image_ref(image), Path(trace_file), _registry_options(plain_http, authfile))
+        click.echo(json.dumps(result, indent=2) if as_json else
+                   f"trace of {result['chunks']} chunks stored at {result['trace']}")
 
     _run(work)
 

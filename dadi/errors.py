@@ -17,6 +17,18 @@ class ImageError(DadiError):
     """An image reference, layout, manifest or config is missing or malformed."""
 
 
+class NotFound(DadiError):
+    """What was asked for does not exist: a tag, manifest or blob (HTTP 404, or absent from a layout)."""
+
+
+class RegistryNotFound(RegistryError, NotFound):
+    """The registry answered 404."""
+
+
+class ImageNotFound(ImageError, NotFound):
+    """An OCI layout has no image of that tag."""
+
+
 class LayerError(DadiError):
     """A source layer cannot be applied; names the layer and the tar entry."""
 

@@ -12,12 +12,11 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-import click
 import pytest
 import zstandard
 from imagebuilder import OCILayoutBuilder, TarBuilder, read_layout_image, write_docker_archive
 
-from dadi.cli import parse_size
+from dadi.units import parse_rate, parse_size
 from dadi.digests import VerifyingReader, chain_ids, check_digest, digest_hex, sha256_digest
 from dadi.errors import ImageError
 from dadi.image import mediatypes as mt
@@ -991,8 +990,20 @@ def test_parse_size(text, size):
 
 @pytest.mark.parametrize("text", ["", "abc", "-1", "1.5G", "64x", "64 KiB KiB", "G", "1P"])
 def test_parse_size_rejects_bad_sizes(text):
-    with pytest.raises(click.BadParameter, match="is not a size"):
+    with pytest.raises(ValueError, match="is not a size"):
         parse_size(text)
+
+
+@pytest.mark.parametrize(("text", "rate"), [("100M", 100 << 20), ("100MiB/s", 100 << 20), ("1g/s", 1 << 30),
+                                            (4096, 4096)])
+def test_parse_rate(text, rate):
+    assert parse_rate(text) == rate
+
+
+@pytest.mark.parametrize("text", ["fast", "/s", "-1M/s"])
+def test_parse_rate_rejects_bad_rates(text):
+    with pytest.raises(ValueError, match="is not a rate"):
+        parse_rate(text)
 
 
 # -------------------------------------------------------------------------------------------- progress

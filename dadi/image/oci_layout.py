@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dadi.digests import digest_hex, sha256_digest
-from dadi.errors import ImageError
+from dadi.errors import ImageError, ImageNotFound
 from dadi.image import mediatypes as mt
 from dadi.image.base import ImageSource, ImageTarget
 from dadi.image.manifest import Descriptor, ImageManifest, dump_json, is_index, load_json, select_platform
@@ -44,7 +44,7 @@ class OCILayoutSource(ImageSource):
         for desc in descs:
             if desc.annotations.get(mt.OCI_REF_NAME) == self.tag:
                 return desc
-        raise ImageError(f"{where}: no image tagged {self.tag!r}")
+        raise ImageNotFound(f"{where}: no image tagged {self.tag!r}")
 
     def get_manifest(self) -> ImageManifest:
         desc = self._manifest_descriptor()

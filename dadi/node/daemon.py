@@ -8,6 +8,7 @@ Layout of the root (default /var/lib/dadi):
     views/NAME/view.json what the view is (image, options) and where it is attached (loop, mountpoint)
     views/NAME/writable/ the view's private writable layer (with --rw), kept across umount/mount
     daemon.log           the daemon's log when `dadi mount` started it
+    daemon.toml          optional settings (dadi.node.config)
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import pyfuse3
 import trio
 
 from dadi.errors import DadiError
+from dadi.node import prefetch
+from dadi.node.config import DaemonConfig
 from dadi.node.fusefs import ViewsFS
 from dadi.node.view import ChunkLRU, LayerBlob, View
 
 log = logging.getLogger(__name__)
 
-PREFETCH_DELAY = 2.0  # seconds after mount before background prefetch starts
-PREFETCH_BATCH = 32  # chunks per prefetch request
+METADATA_TIMEOUT = 10.0  # seconds for each source to send a blob's header or footer
 
 
 @dataclass
@@ -39,14 +41,18 @@ class ViewState:
     view: View
     request: dict
     fetch_sources: list[str]
+    image: object  # the ImageRef
+    manifest: object  # the ImageManifest
     prefetch_state: str = "waiting"
+    trace_chunks: int | None = None  # chunks of the image's trace the prefetch found (None: no trace)
     cancel: trio.CancelScope | None = None
     settled: trio.Event = field(default_factory=trio.Event)  # prefetch done or disabled
 
 
 class Daemon:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, config: DaemonConfig | None = None):
         self.root = Path(root)
+        self.config = config or DaemonConfig()
         self.fs_dir = self.root / "fs"
         self.views_dir = self.root / "views"
         self.socket_path = self.root / "control.sock"
@@ -54,10 +60,12 @@ class Daemon:
             d.mkdir(parents=True, exist_ok=True)
         from dadi.node.chunkcache import ChunkCache
 
-        self.cache = ChunkCache(self.root / "cache")
+        self.cache = ChunkCache(self.root / "cache", quota=self.config.cache_quota)
         self.fs = ViewsFS()
         self.limiter = trio.CapacityLimiter(8)
         self.memory = ChunkLRU()
+        self.pacer = prefetch.Pacer(self.config.prefetch_bandwidth)
+        self.gate = prefetch.OnDemandGate()
         self.views: dict[str, ViewState] = {}
         self._fetchers: dict[str, object] = {}
         self._nursery: trio.Nursery | None = None
@@ -141,6 +149,12 @@ class Daemon:
             return self.stats(request["name"])
         if op == "wait_prefetch":
             return await self.wait_prefetch(request["name"], float(request.get("timeout", 600)))
+        if op == "configure":
+            return self.configure(request)
+        if op == "gc":
+            return await self.gc(request.get("quota"))
+        if op == "cache":
+            return {"usage": self.cache.usage(), "quota": self.config.cache_quota, "blobs": self.cache.blobs()}
         raise DadiError(f"unknown control request {op!r}")
 
     # -- views -----------------------------------------------------------------------------------
@@ -155,20 +169,30 @@ class Daemon:
         if name in self.views:
             raise DadiError(f"view {name!r} exists already (dadi umount it first)")
         view_dir = self._view_dir(name)
-        layers, fetcher, sources = await trio.to_thread.run_sync(self._load_image, request)
+        if request.get("config"):
+            self.configure(request["config"])
+        image, manifest, layers, fetcher, sources = await trio.to_thread.run_sync(self._load_image, request)
         writable = None
         if request.get("rw"):
             from dadi.node.writable import WritableLayer
 
             writable = WritableLayer(view_dir / "writable", layers[0].tables.disk_size,
                                      layers[0].tables.block_size)
+        trace = None
+        if request.get("record_trace"):
+            from dadi.node.trace import TraceRecorder
+
+            trace = TraceRecorder(Path(request["record_trace"]), [layer.digest for layer in layers],
+                                  float(request.get("trace_seconds") or self.config.trace_seconds))
+            self._nursery.start_soon(self._finish_trace, name, trace)
         view = View(name, layers, fetcher=fetcher, limiter=self.limiter, memory=self.memory,
-                    writable=writable, io_timeout=float(request.get("io_timeout", 30)))
-        state = ViewState(view, request, sources)
+                    writable=writable, io_timeout=float(request.get("io_timeout", 30)), gate=self.gate,
+                    spawn=self._nursery.start_soon, trace=trace)
+        state = ViewState(view, request, sources, image, manifest)
         self.views[name] = state
         self.fs.add(view)
         view_dir.mkdir(parents=True, exist_ok=True)
-        record = {k: v for k, v in request.items() if k not in ("op",)}
+        record = {k: v for k, v in request.items() if k not in ("op", "record_trace", "config")}
         _atomic_json(view_dir / "view.json", record)
         if request.get("prefetch", True):
             self._nursery.start_soon(self._prefetch, state)
@@ -206,7 +230,7 @@ class Daemon:
                 raise DadiError(f"{ref}: only oci: and docker:// images can be mounted")
             self._fetchers[key] = Fetcher(chunk_sources, limiter=self.limiter)
         fetcher = self._fetchers[key]
-        return layers, fetcher, [s.name for s in fetcher.sources]
+        return ref, manifest, layers, fetcher, [s.name for s in fetcher.sources]
 
     def attach(self, name: str, loop: str | None, mountpoint: str | None) -> dict:
         state = self._state(name)
@@ -219,11 +243,15 @@ class Daemon:
         state = self._state(name)
         if state.cancel is not None:
             state.cancel.cancel()
+        if state.view.trace is not None and not state.view.trace.written:
+            await self._write_trace(name, state.view.trace)
         self.fs.remove(name)
         await state.view.close()
         del self.views[name]
         for layer in state.view.layers:
             self.cache.release(layer.digest)
+        if self.cache.quota is not None:  # what this view used may now go
+            await trio.to_thread.run_sync(self.cache.evict, self.cache.quota)
         (self._view_dir(name) / "view.json").unlink(missing_ok=True)
         return {}
 
@@ -251,23 +279,64 @@ class Daemon:
         view = state.view
         with trio.CancelScope() as scope:
             state.cancel = scope
-            await trio.sleep(float(state.request.get("prefetch_delay", PREFETCH_DELAY)))
+            started = trio.current_time()
+            trace = await self._find_trace(state)
+            if trace is not None:
+                state.prefetch_state = "running"
+                state.trace_chunks = await prefetch.prefetch_trace(view, trace, self.pacer)
+                log.info("view %s: %d chunks of the image's trace prefetched", view.name, state.trace_chunks)
+            delay = float(state.request.get("prefetch_delay", self.config.prefetch_delay))
+            await trio.sleep_until(started + delay)
             state.prefetch_state = "running"
-            for layer in view.layers:
-                missing = await trio.to_thread.run_sync(layer.cache.missing, range(len(layer.tables.chunks)))
-                for start in range(0, len(missing), PREFETCH_BATCH):
-                    batch = missing[start:start + PREFETCH_BATCH]
-                    while True:
-                        try:
-                            await view.chunks(layer, batch, trio.current_time() + 60, purpose="prefetch")
-                            break
-                        except Exception as e:  # the network is down: try again later, reads go on
-                            log.warning("view %s: prefetch of %s paused: %s", view.name, layer.digest, e)
-                            await trio.sleep(5)
-                await trio.to_thread.run_sync(layer.cache.flush)
+            await prefetch.prefetch_layers(view, self.pacer, self.gate, self._read_metadata(view.fetcher))
             state.prefetch_state = "done"
             state.settled.set()
-            log.info("view %s: prefetch done, every chunk is local", view.name)
+            log.info("view %s: prefetch done, every layer is local and matches its digest", view.name)
+
+    async def _find_trace(self, state: ViewState):
+        from dadi.image.transports import RegistryOptions
+        from dadi.node.trace import find_trace
+
+        request = state.request
+        options = RegistryOptions(plain_http=bool(request.get("plain_http")), authfile=request.get("authfile"))
+        try:
+            with trio.fail_after(METADATA_TIMEOUT * 2):
+                return await trio.to_thread.run_sync(find_trace, state.image, state.manifest, options,
+                                                     abandon_on_cancel=True)
+        except Exception as e:  # a broken or unreachable trace costs the head start, not the mount
+            log.warning("view %s: no trace used: %s", state.view.name, e)
+            return None
+
+    @staticmethod
+    def _read_metadata(fetcher):
+        """A function giving a blob's (header, footer) bytes from the first source that has them."""
+        from dadi.format.blob import FOOTER_SIZE, HEADER_SIZE
+
+        def read(layer):
+            errors = []
+            for source in fetcher.sources:
+                try:
+                    header = source.fetch_range(layer.digest, 0, HEADER_SIZE, METADATA_TIMEOUT)
+                    footer = source.fetch_range(layer.digest, layer.size - FOOTER_SIZE, FOOTER_SIZE,
+                                                METADATA_TIMEOUT)
+                    return header, footer
+                except Exception as e:
+                    errors.append(f"{source.name}: {e}")
+            raise DadiError("; ".join(errors) or "no sources")
+
+        return read
+
+    async def _finish_trace(self, name: str, trace) -> None:
+        await trio.sleep(trace.seconds)
+        if not trace.written:
+            await self._write_trace(name, trace)
+
+    async def _write_trace(self, name: str, trace) -> None:
+        try:
+            count = await trio.to_thread.run_sync(trace.write)
+            log.info("view %s: trace of %d chunks written to %s", name, count, trace.path)
+        except OSError as e:
+            log.warning("view %s: could not write the trace %s: %s", name, trace.path, e)
 
     async def wait_prefetch(self, name: str, seconds: float) -> dict:
         state = self._state(name)
@@ -286,8 +355,7 @@ class Daemon:
         bytes_local = sum(
             sum(c.length for i, c in enumerate(layer.tables.chunks) if layer.cache.has(i)) for layer in view.layers
         )
-        fetch_stats = getattr(view.fetcher, "stats", None)
-        sources = dict(getattr(fetch_stats, "bytes_by_source", {}) or {})
+        fetch_stats = view.fetcher.stats
         s = view.stats
         return {
             "name": name,
@@ -296,15 +364,45 @@ class Daemon:
             "bytes_local": bytes_local,
             "bytes_on_demand": s.bytes_on_demand,
             "bytes_prefetched": s.bytes_prefetched,
-            "sources": sources,
+            "bytes_read_ahead": s.bytes_read_ahead,
+            "sources": dict(fetch_stats.bytes_by_source),  # of every view of this image source
             "chunks_total": chunks_total,
             "chunks_local": chunks_local,
             "prefetch_state": state.prefetch_state,
+            "layers_verified": sum(1 for layer in view.layers if layer.cache.verified),
+            "layers_total": len(view.layers),
+            "trace_chunks": state.trace_chunks,
+            "recording_trace": view.trace is not None and view.trace.recording,
             "reads": s.reads,
             "read_errors": s.read_errors,
             "io_timeouts": s.io_timeouts,
+            "corrupt_chunks": fetch_stats.corrupt_chunks + sum(layer.cache.corrupt for layer in view.layers),
             "writes": s.writes,
         }
+
+    # -- settings and the cache ------------------------------------------------------------------
+
+    def configure(self, settings: dict) -> dict:
+        """Change cache_quota and prefetch_bandwidth of the running daemon (`dadi mount` passes them)."""
+        unknown = set(settings) - {"cache_quota", "prefetch_bandwidth", "op"}
+        if unknown:
+            raise DadiError(f"cannot configure {', '.join(sorted(unknown))} on a running daemon")
+        self.config = self.config.with_overrides(cache_quota=settings.get("cache_quota"),
+                                                 prefetch_bandwidth=settings.get("prefetch_bandwidth"))
+        self.cache.quota = self.config.cache_quota
+        self.pacer.rate = self.config.prefetch_bandwidth
+        return {"config": self.config.as_dict()}
+
+    async def gc(self, quota: int | None) -> dict:
+        """Remove cached blobs no view uses: down to `quota` bytes (least recently used first), or all."""
+        before = self.cache.usage()
+        if quota is None:
+            removed = await trio.to_thread.run_sync(self.cache.gc)
+        else:
+            removed = await trio.to_thread.run_sync(self.cache.evict, int(quota))
+        after = self.cache.usage()
+        log.info("gc: removed %d blobs, %d bytes freed", len(removed), before - after)
+        return {"removed": removed, "freed": before - after, "usage": after}
 
 
 def _atomic_json(path: Path, obj: dict) -> None:

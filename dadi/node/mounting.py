@@ -28,7 +28,9 @@ def default_name(image: str, directory: Path) -> str:
 
 def mount(root: Path, image: str, directory: Path, *, name: str | None = None, rw: bool = False,
           plain_http: bool = False, authfile: str | None = None, prefetch: bool = True,
-          io_timeout: float = 30.0, prefetch_delay: float | None = None) -> dict:
+          io_timeout: float = 30.0, prefetch_delay: float | None = None, record_trace: Path | None = None,
+          trace_seconds: float | None = None, settings: dict | None = None) -> dict:
+    """Mount `image` lazily at `directory`; `settings` (cache_quota, prefetch_bandwidth) go to the daemon."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DadiError(f"mount point {directory} is not a directory")
@@ -40,6 +42,11 @@ def mount(root: Path, image: str, directory: Path, *, name: str | None = None, r
     }
     if prefetch_delay is not None:
         message["prefetch_delay"] = prefetch_delay
+    if record_trace is not None:
+        message["record_trace"] = str(Path(record_trace).resolve())
+        message["trace_seconds"] = trace_seconds
+    if settings:
+        message["config"] = settings
     view = request(root, message)
     loop = None
     try:

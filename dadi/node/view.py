@@ -8,11 +8,18 @@ threads under the daemon's limiter, so the trio loop keeps serving other reads.
 
 Every read has a deadline (`io_timeout`): when the network cannot supply a chunk in time the read
 fails (the FUSE layer answers EIO) instead of leaving the container in D state.
+
+Read-ahead: when reads follow each other through the disk (a file read from start to end), the view
+fetches the chunks of the next window in the background, so that the next reads find them local. The
+window starts at READ_AHEAD_MIN (or twice the read) and doubles with each sequential read up to
+READ_AHEAD_MAX; a read elsewhere closes it. One read-ahead runs at a time per view. Read-ahead bytes count as on-demand bytes (reads caused them) and also on their own.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +30,12 @@ from dadi.format.blob import decode_chunk
 from dadi.format.index import ZERO, MergedIndex
 from dadi.format.model import LayerTables
 
+log = logging.getLogger(__name__)
+
 # Decompressed chunks kept in memory, shared by the views of a daemon.
 DEFAULT_MEMORY_CACHE = 64 << 20
+READ_AHEAD_MIN = 256 << 10  # disk bytes
+READ_AHEAD_MAX = 4 << 20
 
 
 @dataclass
@@ -46,6 +57,7 @@ class ViewStats:
     bytes_read: int = 0
     bytes_on_demand: int = 0  # stored bytes fetched because a read needed them
     bytes_prefetched: int = 0
+    bytes_read_ahead: int = 0  # part of bytes_on_demand: fetched ahead of sequential reads
     sources: dict[str, int] = field(default_factory=dict)
 
 
@@ -86,7 +98,10 @@ class ReadTimeout(ReadFailed):
 
 class View:
     def __init__(self, name: str, layers: list[LayerBlob], *, fetcher, limiter: trio.CapacityLimiter,
-                 memory: ChunkLRU, writable=None, io_timeout: float = 30.0):
+                 memory: ChunkLRU, writable=None, io_timeout: float = 30.0, gate=None, spawn=None,
+                 trace=None):
+        """`gate` (dadi.node.prefetch.OnDemandGate) is told when reads wait on the network; `spawn`
+        starts a background task (read-ahead; none without it); `trace` records what reads need."""
         self.name = name
         self.layers = layers
         self.fetcher = fetcher
@@ -95,7 +110,13 @@ class View:
         self.writable = writable
         self.io_timeout = io_timeout
         self.stats = ViewStats()
+        self.gate = gate
+        self.spawn = spawn
+        self.trace = trace
         self._store_lock = threading.Lock()
+        self._next_offset = -1  # where a sequential read would start
+        self._window = 0  # read-ahead window, disk bytes; 0: reads are not sequential
+        self._reading_ahead = False
         tables = [layer.tables for layer in layers]
         self.block_size = tables[0].block_size
         self.disk_size = tables[0].disk_size
@@ -109,6 +130,7 @@ class View:
         if length == 0:
             return b""
         self.stats.reads += 1
+        self._follow_sequence(offset, length)
         deadline = trio.current_time() + self.io_timeout
         try:
             if self.writable is None:
@@ -134,6 +156,41 @@ class View:
         self.stats.bytes_read += len(data)
         return data
 
+    def _follow_sequence(self, offset: int, length: int) -> None:
+        """Called as a read starts (the kernel sends the next read before the last one is answered)."""
+        sequential = offset == self._next_offset
+        self._next_offset = offset + length
+        # At least twice the read: the kernel's reads of a file grow too (ext4's own read-ahead).
+        self._window = min(max(self._window * 2, 2 * length, READ_AHEAD_MIN), READ_AHEAD_MAX) if sequential else 0
+        if self._window and self.spawn is not None and not self._reading_ahead:
+            self._reading_ahead = True
+            self.spawn(self._read_ahead, offset + length, self._window)
+
+    async def _read_ahead(self, start: int, length: int) -> None:
+        """Fetch the chunks under disk bytes [start, start + length) that are not local; errors are dropped
+        (the read that needs the bytes will fetch them itself, under its own deadline)."""
+        try:
+            length = max(0, min(length, self.disk_size - start))
+            wanted: dict[int, set[int]] = {}
+            for piece in self.index.lookup(start, length) if length else ():
+                if piece.layer == ZERO:
+                    continue
+                tables = self.layers[piece.layer].tables
+                first = tables.chunk_of(piece.packed_offset)
+                last = tables.chunk_of(piece.packed_offset + piece.length - 1)
+                wanted.setdefault(piece.layer, set()).update(range(first, last + 1))
+            deadline = trio.current_time() + self.io_timeout
+            for layer_index, indexes in wanted.items():
+                layer = self.layers[layer_index]
+                absent = [i for i in sorted(indexes) if self.memory.get((layer.digest, i)) is None]
+                missing = await self._in_thread(layer.cache.missing, absent)
+                if missing:
+                    await self._fetch(layer, missing, deadline, "read_ahead")
+        except Exception as e:
+            log.debug("view %s: read-ahead at %d stopped: %s", self.name, start, e)
+        finally:
+            self._reading_ahead = False
+
     async def _read_lower(self, offset: int, length: int, deadline: float) -> bytes:
         parts = []
         for piece in self.index.lookup(offset, length):
@@ -156,8 +213,11 @@ class View:
     async def chunks(self, layer: LayerBlob, indexes: range | list[int], deadline: float,
                      purpose: str = "on_demand") -> list[bytes]:
         """The decompressed chunks `indexes` of a layer, in order: memory, local cache, then network."""
+        if self.trace is not None and purpose == "on_demand":
+            self.trace.record(layer.digest, indexes)
         raws: dict[int, bytes] = {}
-        for i in indexes:
+        # Prefetch must fill the disk cache, which a chunk in memory only would not do.
+        for i in indexes if purpose != "prefetch" else ():
             raw = self.memory.get((layer.digest, i))
             if raw is not None:
                 raws[i] = raw
@@ -187,8 +247,9 @@ class View:
         from dadi.node.fetch import FetchError, FetchTimeout
 
         try:
-            stored = await self.fetcher.fetch(layer.digest, layer.tables.chunks, indexes, deadline=deadline,
-                                              purpose=purpose)
+            with self.gate.busy() if self.gate is not None and purpose != "prefetch" else contextlib.nullcontext():
+                stored = await self.fetcher.fetch(layer.digest, layer.tables.chunks, indexes, deadline=deadline,
+                                                  purpose=purpose)
         except FetchTimeout as e:
             raise ReadTimeout(str(e)) from e
         except FetchError as e:  # every source failed every retry: the read fails now, not at the deadline
@@ -210,6 +271,8 @@ class View:
                     self.stats.bytes_prefetched += len(data)
                 else:
                     self.stats.bytes_on_demand += len(data)
+                    if purpose == "read_ahead":
+                        self.stats.bytes_read_ahead += len(data)
             raw = decode_chunk(data, chunks[i], verify="none")  # the fetcher checked sha256
             self.memory.put((layer.digest, i), raw)
             out[i] = raw

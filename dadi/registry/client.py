@@ -24,7 +24,7 @@ import requests
 import urllib3
 
 from dadi.digests import check_digest
-from dadi.errors import ImageError, RegistryError
+from dadi.errors import ImageError, RegistryError, RegistryNotFound
 from dadi.image.manifest import is_index
 from dadi.image.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, INDEX_TYPES, OCI_INDEX, OCI_MANIFEST
 from dadi.registry.auth import RegistryAuth
@@ -295,7 +295,7 @@ class RegistryClient:
             headers={"Accept": MANIFEST_ACCEPT},
         )
         if resp.status_code == 404:
-            raise RegistryError(
+            raise RegistryNotFound(
                 f"{what}: not found (HTTP 404: {registry_error_text(resp)}); "
                 f"no such repository or {'digest' if by_digest else 'tag'} in it"
             )
@@ -399,7 +399,7 @@ class RegistryClient:
             headers=headers,
         )
         if resp.status_code == 404:
-            raise RegistryError(
+            raise RegistryNotFound(
                 f"{what}: not found (HTTP 404: {registry_error_text(resp)}); no such blob in {repository}"
             )
         if resp.status_code == 416:
@@ -467,7 +467,7 @@ class RegistryClient:
             stream=True,
         )
         if resp.status_code == 404:
-            raise RegistryError(
+            raise RegistryNotFound(
                 f"{what}: not found (HTTP 404: {registry_error_text(resp)}); no such blob in {repository}"
             )
         if resp.status_code == (206 if offset else 200):

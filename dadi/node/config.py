@@ -1,0 +1,75 @@
+"""The node daemon's settings: defaults, overridden by a TOML file, overridden by command-line options.
+
+The file is ROOT/daemon.toml unless `dadi daemon --config FILE` names another; every key is optional:
+
+    cache_quota = "20GiB"          # evict blobs no view uses, least recently used first, above this
+    prefetch_bandwidth = "200MiB/s"  # cap on background prefetch (on-demand reads are never capped)
+    prefetch_delay = 2.0           # seconds after a mount before the background prefetch starts
+    trace_seconds = 30.0           # how long `dadi mount --record-trace` records a view's reads
+
+Unknown keys are errors, so a typo does not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from dadi.errors import DadiError
+from dadi.units import parse_rate, parse_size
+
+CONFIG_NAME = "daemon.toml"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    cache_quota: int | None = None  # bytes; None: no quota
+    prefetch_bandwidth: int | None = None  # bytes per second; None: as fast as the sources go
+    prefetch_delay: float = 2.0
+    trace_seconds: float = 30.0
+
+    def with_overrides(self, **values) -> DaemonConfig:
+        """This config with the given settings replaced; None means "not given" and keeps the current one."""
+        return _checked(replace(self, **{k: v for k, v in values.items() if v is not None}), "options")
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def load_config(path: Path, *, required: bool = False) -> DaemonConfig:
+    """The settings in TOML file `path`; defaults when it does not exist (unless `required`)."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        if required:
+            raise DadiError(f"daemon config {path}: no such file") from None
+        return DaemonConfig()
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise DadiError(f"daemon config {path}: {e}") from e
+    known = {f.name for f in fields(DaemonConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DadiError(f"daemon config {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {}
+    try:
+        if "cache_quota" in data:
+            values["cache_quota"] = parse_size(data["cache_quota"])
+        if "prefetch_bandwidth" in data:
+            values["prefetch_bandwidth"] = parse_rate(data["prefetch_bandwidth"])
+        for key in ("prefetch_delay", "trace_seconds"):
+            if key in data:
+                if isinstance(data[key], bool) or not isinstance(data[key], int | float):
+                    raise ValueError(f"{key} must be a number of seconds, not {data[key]!r}")
+                values[key] = float(data[key])
+    except ValueError as e:
+        raise DadiError(f"daemon config {path}: {e}") from None
+    return _checked(DaemonConfig(**values), f"daemon config {path}")
+
+
+def _checked(config: DaemonConfig, where: str) -> DaemonConfig:
+    if config.prefetch_bandwidth is not None and config.prefetch_bandwidth <= 0:
+        raise DadiError(f"{where}: prefetch_bandwidth must be above 0")
+    if config.prefetch_delay < 0 or config.trace_seconds <= 0:
+        raise DadiError(f"{where}: prefetch_delay must be >= 0 and trace_seconds > 0")
+    return config
