@@ -407,7 +407,10 @@ def trace_push_cmd(image, trace_file, plain_http, authfile, as_json):
 @_plain_http_option
 @_authfile_option
 @click.option("--rw", is_flag=True, help="Give the command a writable view (its writes are discarded).")
-def run_cmd(image, command, root, plain_http, authfile, rw):
+@click.option("--no-prefetch", is_flag=True, help="Fetch only what the command reads.")
+@click.option("--io-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a read may wait for the network before it fails with EIO.")
+def run_cmd(image, command, root, plain_http, authfile, rw, no_prefetch, io_timeout):
     """Mount IMAGE, run COMMAND chrooted into it (with /proc, /sys, /dev), unmount; exit with its code.
 
     Example: dadi run oci:./img:dadi -- /bin/sh -c 'cat /etc/os-release'
@@ -415,7 +418,7 @@ def run_cmd(image, command, root, plain_http, authfile, rw):
     from dadi.node.mounting import run_in_image
 
     code = _run(lambda: run_in_image(Path(root), image, list(command), rw=rw, plain_http=plain_http,
-                                     authfile=authfile))
+                                     authfile=authfile, prefetch=not no_prefetch, io_timeout=io_timeout))
     sys.exit(code)
 
 

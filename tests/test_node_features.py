@@ -165,3 +165,15 @@ def test_prefetch_waits_while_reads_wait_on_the_network():
         await gate.wait_idle()  # idle: returns at once
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@pytest.mark.needs_root
+def test_run_rw_gives_a_writable_view_that_leaves_nothing_behind(two_images, node):
+    ref = two_images[0]
+    write = dadi_cli("run", "--root", str(node), "--rw", "--no-prefetch", ref, "--", "/bin/busybox", "sh", "-c",
+                     "echo scratch > /etc/probe && cat /etc/probe", check=False)
+    assert write.returncode == 0, write.stderr
+    assert write.stdout == "scratch\n"
+    assert list((node / "views").iterdir()) == []  # the writable layer went with the view
+    again = dadi_cli("run", "--root", str(node), ref, "--", "/bin/busybox", "test", "-e", "/etc/probe", check=False)
+    assert again.returncode == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,7 +143,7 @@ class Daemon:
         if op == "attach":
             return self.attach(request["name"], request.get("loop"), request.get("mountpoint"))
         if op == "remove_view":
-            return await self.remove_view(request["name"])
+            return await self.remove_view(request["name"], discard=bool(request.get("discard")))
         if op == "list":
             return {"views": [self._describe(name) for name in sorted(self.views)]}
         if op == "stats":
@@ -239,7 +240,8 @@ class Daemon:
         _atomic_json(self._view_dir(name) / "view.json", {k: v for k, v in state.request.items() if k != "op"})
         return {}
 
-    async def remove_view(self, name: str) -> dict:
+    async def remove_view(self, name: str, discard: bool = False) -> dict:
+        """Take the view away; `discard` also deletes its writable layer (a `dadi run` view's)."""
         state = self._state(name)
         if state.cancel is not None:
             state.cancel.cancel()
@@ -253,6 +255,8 @@ class Daemon:
         if self.cache.quota is not None:  # what this view used may now go
             await trio.to_thread.run_sync(self.cache.evict, self.cache.quota)
         (self._view_dir(name) / "view.json").unlink(missing_ok=True)
+        if discard:
+            await trio.to_thread.run_sync(shutil.rmtree, self._view_dir(name), True)
         return {}
 
     def _state(self, name: str) -> ViewState:

@@ -78,7 +78,8 @@ def find_view(root: Path, directory: Path) -> dict:
     raise DadiError(f"no dadi view is mounted at {directory}")
 
 
-def umount(root: Path, directory: Path, *, force: bool = False) -> dict:
+def umount(root: Path, directory: Path, *, force: bool = False, discard: bool = False) -> dict:
+    """Unmount the view at `directory`; `discard` also deletes its writable layer."""
     view = find_view(root, directory)
     if view.get("mountpoint"):
         argv = ["umount", *(["-l"] if force else []), view["mountpoint"]]
@@ -87,7 +88,7 @@ def umount(root: Path, directory: Path, *, force: bool = False) -> dict:
             raise DadiError(f"umount {view['mountpoint']}: {result.stderr.strip()} (--force detaches it lazily)")
     if view.get("loop"):
         subprocess.run(["losetup", "-d", view["loop"]], capture_output=True)
-    request(root, {"op": "remove_view", "name": view["name"]})
+    request(root, {"op": "remove_view", "name": view["name"], "discard": discard})
     return view
 
 
@@ -110,4 +111,4 @@ def run_in_image(root: Path, image: str, command: list[str], **mount_options) ->
         finally:
             for where in reversed(binds):
                 subprocess.run(["umount", "-l", str(where)], capture_output=True)
-            umount(root, directory, force=True)
+            umount(root, directory, force=True, discard=True)  # a one-off view: nothing of it is kept
