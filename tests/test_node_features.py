@@ -79,7 +79,9 @@ def test_the_cache_quota_evicts_blobs_no_view_uses(two_images, node, tmp_path):
 def test_gc_removes_unused_blobs_and_a_later_mount_fetches_them_again(two_images, node, tmp_path):
     mnt = tmp_path / "mnt"
     mount(two_images[0], mnt, node)
-    assert stats(mnt, node, "--wait-prefetch", "120")["prefetch_state"] == "done"
+    done = stats(mnt, node, "--wait-prefetch", "120")
+    assert done["prefetch_state"] == "done"
+    assert done["bytes_local"] == done["bytes_total"] and done["layers_verified"] == done["layers_total"]
     in_use = json.loads(dadi_cli("gc", "--root", str(node), "--json").stdout)
     assert in_use["removed"] == [] and in_use["usage"] > 0  # the mounted view's blobs stay
     dadi_cli("umount", str(mnt), "--root", str(node))

@@ -38,6 +38,9 @@ def request(root: Path, message: dict, timeout: float = 600.0) -> dict:
         raise DaemonNotRunning(f"no dadi daemon answers on {path}: {e}") from e
     except OSError as e:
         raise DadiError(f"dadi daemon on {path}: {e}") from e
+    if not buffer:
+        raise DadiError(f"the dadi daemon on {path} closed the connection without answering "
+                        f"(did it exit? see {Path(root) / 'daemon.log'})")
     try:
         reply = json.loads(buffer)
     except ValueError as e:

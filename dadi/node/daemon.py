@@ -27,6 +27,7 @@ import pyfuse3
 import trio
 
 from dadi.errors import DadiError
+from dadi.format.blob import FOOTER_SIZE, HEADER_SIZE
 from dadi.node import prefetch
 from dadi.node.config import DaemonConfig
 from dadi.node.fusefs import ViewsFS
@@ -314,7 +315,6 @@ class Daemon:
     @staticmethod
     def _read_metadata(fetcher):
         """A function giving a blob's (header, footer) bytes from the first source that has them."""
-        from dadi.format.blob import FOOTER_SIZE, HEADER_SIZE
 
         def read(layer):
             errors = []
@@ -356,9 +356,7 @@ class Daemon:
         chunks_total = sum(len(layer.tables.chunks) for layer in view.layers)
         chunks_local = sum(layer.cache.present_count for layer in view.layers)
         bytes_total = sum(layer.size for layer in view.layers)
-        bytes_local = sum(
-            sum(c.length for i, c in enumerate(layer.tables.chunks) if layer.cache.has(i)) for layer in view.layers
-        )
+        bytes_local = sum(_local_bytes(layer) for layer in view.layers)
         fetch_stats = view.fetcher.stats
         s = view.stats
         return {
@@ -407,6 +405,17 @@ class Daemon:
         after = self.cache.usage()
         log.info("gc: removed %d blobs, %d bytes freed", len(removed), before - after)
         return {"removed": removed, "freed": before - after, "usage": after}
+
+
+def _local_bytes(layer: LayerBlob) -> int:
+    """Bytes of the blob this node holds: its cached chunks, and the rest of the blob (header, tables,
+    footer) once the cache has it, else the tables alone (every mount fetches them)."""
+    chunks = layer.tables.chunks
+    local = sum(c.length for i, c in enumerate(chunks) if layer.cache.has(i))
+    data_end = chunks[-1].offset + chunks[-1].length if chunks else HEADER_SIZE
+    if layer.cache.has_metadata:
+        return local + layer.size - sum(c.length for c in chunks)
+    return local + layer.size - FOOTER_SIZE - data_end
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
