@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .cache/stamps
 APT_PACKAGES := e2fsprogs fuse3 libfuse3-dev pkg-config docker-registry umoci skopeo \
-	debootstrap busybox-static apache2-utils zstd gcc python3-dev util-linux
+	debootstrap busybox-static apache2-utils zstd gcc python3-dev util-linux \
+	containerd runc
 
 .PHONY: install apt venv native test test-fast demo bench lint clean
 

@@ -26,6 +26,7 @@ REGISTRY_BINARY = "/usr/bin/docker-registry"
 HTPASSWD_BINARY = "/usr/bin/htpasswd"
 START_DEADLINE = 30.0  # seconds; it answers in well under one on this machine
 STOP_DEADLINE = 10.0
+DEFAULT_NETNS_PORT = 5000
 
 
 def free_port() -> int:
@@ -51,11 +52,19 @@ def write_authfile(path: str | os.PathLike, host: str, username: str, password: 
 class RegistryServer:
     """docker-registry serving plain HTTP on 127.0.0.1:PORT, storage under root/storage.
 
-    users: {name: password} turns on htpasswd (Basic) auth for every request.
+    users: {name: password} turns on htpasswd (Basic) auth for every request. netns and address run it
+    inside a network namespace (`ip netns exec`), listening on that namespace's address (port 5000
+    unless given): the node benchmark reaches it over a shaped veth.
     """
 
     def __init__(
-        self, root: str | os.PathLike, *, users: dict[str, str] | None = None, port: int | None = None
+        self,
+        root: str | os.PathLike,
+        *,
+        users: dict[str, str] | None = None,
+        port: int | None = None,
+        address: str = "127.0.0.1",
+        netns: str | None = None,
     ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -64,6 +73,11 @@ class RegistryServer:
         self.config_path = self.root / "config.yml"
         self.log_path = self.root / "registry.log"
         self.users = dict(users or {})
+        self.address = address
+        self.netns = netns
+        # free_port() probes the host's loopback; inside a namespace of its own the port is free anyway.
+        if port is None and netns is not None:
+            port = DEFAULT_NETNS_PORT
         self._fixed_port = port is not None
         self.port = port if port is not None else free_port()
         self._process: subprocess.Popen | None = None
@@ -76,7 +90,7 @@ class RegistryServer:
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -182,7 +196,8 @@ class RegistryServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
         self._log_file = self.log_path.open("ab")
         self._process = subprocess.Popen(
-            [REGISTRY_BINARY, "serve", str(self.config_path)],
+            [*(["ip", "netns", "exec", self.netns] if self.netns else []), REGISTRY_BINARY, "serve",
+             str(self.config_path)],  # `ip netns exec` execs the registry: the pid stays the registry's
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,

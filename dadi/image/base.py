@@ -14,6 +14,20 @@ from dadi.image.manifest import Descriptor, ImageConfig, ImageManifest
 MAX_METADATA_BLOB = 16 << 20
 
 
+def _read_up_to(stream: BinaryIO, limit: int) -> bytes:
+    """Up to `limit` bytes, fewer only at the end of the stream. A raw stream (the registry's BlobStream)
+    returns what has arrived on each read, so one read of a body spread over several packets is short."""
+    parts: list[bytes] = []
+    got = 0
+    while got < limit:
+        part = stream.read(limit - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
 class ImageSource(ABC):
     """An image to read: its manifest, config and blobs. Every blob read is checked against its digest."""
 
@@ -36,7 +50,7 @@ class ImageSource(ABC):
         if desc.size > MAX_METADATA_BLOB:
             raise ImageError(f"{what}: {desc.size} bytes is too big for a manifest or config")
         with self._open_raw(desc) as stream:
-            data = stream.read(desc.size + 1)
+            data = _read_up_to(stream, desc.size + 1)
         if len(data) != desc.size:
             raise ImageError(f"{what}: {len(data)} bytes, but its descriptor says {desc.size}")
         if sha256_digest(data) != desc.digest:
