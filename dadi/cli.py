@@ -207,8 +207,10 @@ def _daemon_setting_options(f):
 @_daemon_setting_options
 @click.option("--prefetch-delay", type=float, default=None, metavar="SECONDS",
               help="Seconds after a mount before background prefetch starts [2].")
+@click.option("--metrics", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every view and prefetch event.")
-def daemon_cmd(root, config_file, cache_quota, prefetch_bandwidth, prefetch_delay, verbose):
+def daemon_cmd(root, config_file, cache_quota, prefetch_bandwidth, prefetch_delay, metrics, verbose):
     """Run the node daemon in the foreground (`dadi mount` starts one in the background when needed).
 
     It serves the FUSE file system of views under ROOT/fs, the chunk cache under ROOT/cache and a
@@ -226,7 +228,8 @@ def daemon_cmd(root, config_file, cache_quota, prefetch_bandwidth, prefetch_dela
     def work():
         path = Path(config_file) if config_file else Path(root) / CONFIG_NAME
         config = load_config(path, required=bool(config_file)).with_overrides(
-            cache_quota=cache_quota, prefetch_bandwidth=prefetch_bandwidth, prefetch_delay=prefetch_delay)
+            cache_quota=cache_quota, prefetch_bandwidth=prefetch_bandwidth, prefetch_delay=prefetch_delay,
+            metrics=metrics)
         Daemon(Path(root), config).run()
 
     _run(work)
@@ -434,3 +437,4 @@ def mount_main() -> None:
 
 if __name__ == "__main__":
     main()
+import dadi.cli_p2p  # noqa: E402, F401 - registers `dadi supernode` and `dadi prewarm` on main

@@ -25,6 +25,14 @@ class RegistryNotFound(RegistryError, NotFound):
     """The registry answered 404."""
 
 
+class RegistryUnauthorized(RegistryError):
+    """The registry (or its token service) refused the credentials, or wanted some: HTTP 401."""
+
+
+class RegistryDenied(RegistryError):
+    """The registry knows who is asking and refuses them this: HTTP 403."""
+
+
 class ImageNotFound(ImageError, NotFound):
     """An OCI layout has no image of that tag."""
 

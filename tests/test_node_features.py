@@ -179,3 +179,27 @@ def test_run_rw_gives_a_writable_view_that_leaves_nothing_behind(two_images, nod
     assert list((node / "views").iterdir()) == []  # the writable layer went with the view
     again = dadi_cli("run", "--root", str(node), ref, "--", "/bin/busybox", "test", "-e", "/etc/probe", check=False)
     assert again.returncode == 1
+
+
+@pytest.mark.needs_root
+def test_the_daemon_serves_prometheus_metrics_of_what_it_fetched(two_images, node, tmp_path):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from registry_server import free_port
+
+    port = free_port()
+    node.mkdir(parents=True, exist_ok=True)
+    (node / "daemon.toml").write_text(f'metrics = "127.0.0.1:{port}"\n')
+    mnt = tmp_path / "mnt"
+    mount(two_images[0], mnt, node, "--no-prefetch", "--name", "m")
+    (mnt / "bin" / "busybox").read_bytes()
+    seen = stats(mnt, node)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("dadi_node_fetched_bytes_total", (("source", "local"),))] == seen["sources"]["local"] > 0
+    assert samples[("dadi_node_chunks_local", (("view", "m"),))] == seen["chunks_local"]
+    assert samples[("dadi_node_chunks_total", (("view", "m"),))] == seen["chunks_total"]
+    assert samples[("dadi_node_chunk_misses_total", (("view", "m"),))] > 0
+    assert samples[("dadi_node_prefetch_done", (("view", "m"),))] == 0

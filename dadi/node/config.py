@@ -6,6 +6,7 @@ The file is ROOT/daemon.toml unless `dadi daemon --config FILE` names another; e
     prefetch_bandwidth = "200MiB/s"  # cap on background prefetch (on-demand reads are never capped)
     prefetch_delay = 2.0           # seconds after a mount before the background prefetch starts
     trace_seconds = 30.0           # how long `dadi mount --record-trace` records a view's reads
+    metrics = "127.0.0.1:9464"     # serve Prometheus metrics at http://ADDR/metrics (default: off)
 
 Unknown keys are errors, so a typo does not silently fall back to a default.
 """
@@ -28,6 +29,7 @@ class DaemonConfig:
     prefetch_bandwidth: int | None = None  # bytes per second; None: as fast as the sources go
     prefetch_delay: float = 2.0
     trace_seconds: float = 30.0
+    metrics: str | None = None  # HOST:PORT for /metrics; None: not served
 
     def with_overrides(self, **values) -> DaemonConfig:
         """This config with the given settings replaced; None means "not given" and keeps the current one."""
@@ -57,6 +59,10 @@ def load_config(path: Path, *, required: bool = False) -> DaemonConfig:
             values["cache_quota"] = parse_size(data["cache_quota"])
         if "prefetch_bandwidth" in data:
             values["prefetch_bandwidth"] = parse_rate(data["prefetch_bandwidth"])
+        if "metrics" in data:
+            if not isinstance(data["metrics"], str) or ":" not in data["metrics"]:
+                raise ValueError(f"metrics must be \"HOST:PORT\", not {data['metrics']!r}")
+            values["metrics"] = data["metrics"]
         for key in ("prefetch_delay", "trace_seconds"):
             if key in data:
                 if isinstance(data[key], bool) or not isinstance(data[key], int | float):

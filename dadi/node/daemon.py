@@ -68,6 +68,7 @@ class Daemon:
         self.memory = ChunkLRU()
         self.pacer = prefetch.Pacer(self.config.prefetch_bandwidth)
         self.gate = prefetch.OnDemandGate()
+        self.metrics = None
         self.views: dict[str, ViewState] = {}
         self._fetchers: dict[str, object] = {}
         self._nursery: trio.Nursery | None = None
@@ -78,6 +79,11 @@ class Daemon:
         subprocess.run(["umount", "-l", str(self.fs_dir)], capture_output=True)  # a dead daemon's mount
         options = set(pyfuse3.default_options)
         options |= {"fsname=dadi", "allow_other"}
+        if self.config.metrics:
+            from dadi.node.metrics import start_metrics
+
+            self.metrics = start_metrics(self, self.config.metrics)
+            log.info("metrics at http://%s/metrics", self.config.metrics)
         pyfuse3.init(self.fs, str(self.fs_dir), options)
         try:
             trio.run(self._main)

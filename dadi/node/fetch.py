@@ -176,21 +176,38 @@ class RegistryChunkSource:
 
 class HttpChunkSource:
     """A peer or supernode that serves blobs like a registry (`GET {base_url}/v2/{repo}/blobs/{digest}`
-    with a Range header), without auth. A server that ignores Range is read only up to the range."""
+    with a Range header). A server that ignores Range is read only up to the range.
 
-    def __init__(self, base_url: str, repository: str, name: str, *, session: requests.Session | None = None):
+    `authorization` is sent as the Authorization header of every request: a supernode checks it against
+    the registry (the node's own registry credentials, `dadi.registry.basic_authorization`), so that
+    nobody reads through it what the registry would not give them. requests drops the header when a
+    redirect leads to another host (a peer), which must not see the credentials.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        repository: str,
+        name: str,
+        *,
+        session: requests.Session | None = None,
+        authorization: str | None = None,
+    ):
         import requests
 
         self.base_url = base_url.rstrip("/")
         self.repository = repository
         self.name = name
         self.session = session if session is not None else requests.Session()
+        self.authorization = authorization
 
     def fetch_range(self, digest: str, offset: int, length: int, timeout: float) -> bytes:
         import requests
 
         url = f"{self.base_url}/v2/{self.repository}/blobs/sha256:{_blob_hex(digest)}"
         headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+        if self.authorization:
+            headers["Authorization"] = self.authorization
         try:
             with self.session.get(url, headers=headers, timeout=timeout, stream=True) as resp:
                 if resp.status_code == 206:

@@ -28,6 +28,7 @@ from pathlib import Path
 from dadi.digests import check_digest, sha256_digest
 from dadi.errors import DadiError, ImageError, NotFound
 from dadi.image import mediatypes as mt
+from dadi.image.base import ImageSource
 from dadi.image.manifest import ImageManifest, dump_json, load_json
 from dadi.image.transports import ImageRef, RegistryOptions, open_source, open_target
 
@@ -170,15 +171,20 @@ def find_trace(image: ImageRef, manifest: ImageManifest, options: RegistryOption
     ref = trace_ref(image, manifest.digest)
     source = open_source(ref, options)
     try:
-        try:
-            artifact = source.get_manifest()
-        except NotFound:
-            return None
-        layers = [d for d in artifact.layers if d.media_type == TRACE_MEDIA_TYPE]
-        if len(layers) != 1 or layers[0].size > MAX_TRACE_BYTES:
-            raise ImageError(f"{ref}: a trace artifact must hold one trace of at most {MAX_TRACE_BYTES} bytes")
-        raw = source.read_blob(layers[0], f"{ref}: trace")  # checked against its digest
-        return Trace.parse(raw, f"{ref}: trace")
+        return read_trace(source, str(ref))
     finally:
         source.close()
 
+
+def read_trace(source: ImageSource, where: str) -> Trace | None:
+    """The trace in the artifact `source` opens (its trace_ref), or None when there is none. For callers
+    that open the source themselves (the supernode, with a node's credentials and its own proxy)."""
+    try:
+        artifact = source.get_manifest()
+    except NotFound:
+        return None
+    layers = [d for d in artifact.layers if d.media_type == TRACE_MEDIA_TYPE]
+    if len(layers) != 1 or layers[0].size > MAX_TRACE_BYTES:
+        raise ImageError(f"{where}: a trace artifact must hold one trace of at most {MAX_TRACE_BYTES} bytes")
+    raw = source.read_blob(layers[0], f"{where}: trace")  # checked against its digest
+    return Trace.parse(raw, f"{where}: trace")

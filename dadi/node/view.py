@@ -58,6 +58,8 @@ class ViewStats:
     bytes_on_demand: int = 0  # stored bytes fetched because a read needed them
     bytes_prefetched: int = 0
     bytes_read_ahead: int = 0  # part of bytes_on_demand: fetched ahead of sequential reads
+    chunk_hits: int = 0  # chunks reads found in memory or the local cache
+    chunk_misses: int = 0  # chunks reads had to fetch
     sources: dict[str, int] = field(default_factory=dict)
 
 
@@ -226,6 +228,9 @@ class View:
             local = await self._in_thread(self._read_local, layer, wanted)
             raws.update(local)
             missing = [i for i in wanted if i not in local]
+            if purpose == "on_demand":
+                self.stats.chunk_hits += len(indexes) - len(missing)
+                self.stats.chunk_misses += len(missing)
             if missing:
                 raws.update(await self._fetch(layer, missing, deadline, purpose))
         return [raws[i] for i in indexes]

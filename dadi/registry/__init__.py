@@ -9,6 +9,7 @@ import importlib
 _EXPORTS = {
     "Credentials": "auth",
     "RegistryAuth": "auth",
+    "basic_authorization": "auth",
     "default_authfile": "auth",
     "load_credentials": "auth",
     "MANIFEST_ACCEPT": "client",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from dadi.errors import RegistryError
+from dadi.errors import RegistryDenied, RegistryError, RegistryUnauthorized
 
 # A token this close to its expiry is fetched anew, so that it does not run out in flight.
 _EXPIRY_MARGIN = 10.0
@@ -114,6 +114,12 @@ def _parse_entry(entry: object, key: str, path: Path) -> Credentials | None:
     return None
 
 
+def basic_authorization(credentials: Credentials) -> str:
+    """The Authorization header value that sends these credentials with the Basic scheme."""
+    raw = f"{credentials.username}:{credentials.password}".encode()
+    return "Basic " + base64.b64encode(raw).decode()
+
+
 @dataclass(frozen=True)
 class Challenge:
     scheme: str  # "basic" or "bearer", lowercase
@@ -157,12 +163,19 @@ class RegistryAuth:
         *,
         authfile: str | os.PathLike | None = None,
         timeout: float = 30,
+        credentials: Credentials | None = None,
+        anonymous: bool = False,
     ):
+        if (credentials is not None) + anonymous + (authfile is not None) > 1:
+            raise ValueError("RegistryAuth: give credentials, or anonymous, or an authfile, not several")
         self.host = host
         self._session = session
         self._authfile = authfile
         self._timeout = timeout
         self._lock = threading.Lock()
+        # Given credentials (or anonymous=True) replace the files for every repository.
+        self._fixed = credentials is not None or anonymous
+        self._fixed_credentials = credentials
         self._credentials: dict[str | None, tuple[Credentials | None, Path]] = {}
         self._scheme: str | None = None  # learned from the first challenge
         self._bearer_params: dict[str, str] = {}
@@ -170,7 +183,10 @@ class RegistryAuth:
         # What the registry's challenge asked for when a request needed scopes; used from then on.
         self._scope_alias: dict[tuple[str, ...], tuple[str, ...]] = {}
 
-    def credentials(self, repository: str | None = None) -> tuple[Credentials | None, Path]:
+    def credentials(self, repository: str | None = None) -> tuple[Credentials | None, Path | None]:
+        """The credentials for repository and the file they were looked up in (None: no file was read)."""
+        if self._fixed:
+            return self._fixed_credentials, None
         with self._lock:
             if repository not in self._credentials:
                 self._credentials[repository] = load_credentials(self.host, repository, self._authfile)
@@ -180,7 +196,7 @@ class RegistryAuth:
         """For error messages: which credentials were used, and from where."""
         creds, path = self.credentials(repository)
         if creds is None:
-            return f"no credentials for {self.host} in {path}"
+            return f"no credentials for {self.host} " + (f"in {path}" if path is not None else "(anonymous)")
         return f"credentials of user {creds.username!r} for {self.host} from {creds.source}"
 
     def header(self, scopes: tuple[str, ...], repository: str | None = None) -> str | None:
@@ -222,10 +238,7 @@ class RegistryAuth:
 
     def _basic_header(self, repository: str | None) -> str | None:
         creds, _ = self.credentials(repository)
-        if creds is None:
-            return None
-        raw = f"{creds.username}:{creds.password}".encode()
-        return "Basic " + base64.b64encode(raw).decode()
+        return basic_authorization(creds) if creds is not None else None
 
     def _token(self, scopes: tuple[str, ...], repository: str | None) -> str:
         key = tuple(sorted(set(scopes)))
@@ -252,7 +265,7 @@ class RegistryAuth:
         except requests.RequestException as exc:
             raise RegistryError(f"token service {realm} for {self.host}: {exc}") from exc
         if resp.status_code in (401, 403):
-            raise RegistryError(
+            raise (RegistryUnauthorized if resp.status_code == 401 else RegistryDenied)(
                 f"unauthorized: token service {realm} refused {' '.join(scopes) or 'access'} "
                 f"(HTTP {resp.status_code}: {resp.text[:200].strip()}) "
                 f"({self.describe_credentials(repository)})"

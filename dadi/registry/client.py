@@ -24,10 +24,10 @@ import requests
 import urllib3
 
 from dadi.digests import check_digest
-from dadi.errors import ImageError, RegistryError, RegistryNotFound
+from dadi.errors import ImageError, RegistryDenied, RegistryError, RegistryNotFound, RegistryUnauthorized
 from dadi.image.manifest import is_index
 from dadi.image.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, INDEX_TYPES, OCI_INDEX, OCI_MANIFEST
-from dadi.registry.auth import RegistryAuth
+from dadi.registry.auth import Credentials, RegistryAuth
 from dadi.registry.platform import select_platform
 
 MANIFEST_ACCEPT = ", ".join([OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_MANIFEST_LIST])
@@ -104,7 +104,12 @@ def registry_error_text(resp: requests.Response) -> str:
 
 
 class RegistryClient:
-    """Talks to one registry host. Thread-safe as far as requests.Session is (the daemon shares one)."""
+    """Talks to one registry host. Thread-safe as far as requests.Session is (the daemon shares one).
+
+    Credentials come from `authfile` (or the default files, see dadi.registry.auth), unless `credentials`
+    gives them or `anonymous` says there are none: then no file is read. A server acting for someone
+    else (the supernode, with a node's credentials) must not fall back to its own files.
+    """
 
     def __init__(
         self,
@@ -116,6 +121,8 @@ class RegistryClient:
         retries: int = 4,
         session: requests.Session | None = None,
         backoff: float = 0.25,
+        credentials: Credentials | None = None,
+        anonymous: bool = False,
     ):
         self.host = host
         self.plain_http = plain_http
@@ -125,7 +132,9 @@ class RegistryClient:
         self.base_url = f"{'http' if plain_http else 'https'}://{host}/v2/"
         self._own_session = session is None
         self.session = session if session is not None else requests.Session()
-        self.auth = RegistryAuth(host, self.session, authfile=authfile, timeout=timeout)
+        self.auth = RegistryAuth(
+            host, self.session, authfile=authfile, timeout=timeout, credentials=credentials, anonymous=anonymous
+        )
 
     def close(self) -> None:
         if self._own_session:
@@ -213,7 +222,7 @@ class RegistryClient:
                         resp.headers.get("WWW-Authenticate", ""), scopes, repository
                     ):
                         continue
-                raise RegistryError(
+                raise RegistryUnauthorized(
                     f"unauthorized: {what}: {method} {url}: HTTP 401: {text} "
                     f"({self.auth.describe_credentials(repository)})"
                 )
@@ -227,11 +236,12 @@ class RegistryClient:
     def _fail(self, resp: requests.Response, what: str) -> RegistryError:
         text = registry_error_text(resp)
         resp.close()
-        prefix = "denied: " if resp.status_code == 403 else ""
-        extra = f" ({self.auth.describe_credentials()})" if resp.status_code == 403 else ""
-        return RegistryError(
-            f"{prefix}{what}: {resp.request.method} {resp.url}: HTTP {resp.status_code}: {text}{extra}"
-        )
+        if resp.status_code == 403:
+            return RegistryDenied(
+                f"denied: {what}: {resp.request.method} {resp.url}: HTTP 403: {text} "
+                f"({self.auth.describe_credentials()})"
+            )
+        return RegistryError(f"{what}: {resp.request.method} {resp.url}: HTTP {resp.status_code}: {text}")
 
     @staticmethod
     def _pull(repository: str) -> tuple[str, ...]:
