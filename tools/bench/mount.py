@@ -19,8 +19,8 @@ before every measured run, medians of --runs:
 3. random 4 KiB reads per second inside /app/big.bin on the same local view and on the plain loop mount.
 
 The daemons of 2 and 3 are started afresh on the prefetched root for every run, so nothing is warm but
-the chunk cache on disk. Every loop device (the views' and the plain one) reads ahead what `dadi mount` sets
-read-ahead (READ_AHEAD_KB), so that both file systems issue the same reads to their block devices.
+the chunk cache on disk. Every loop device (the views' and the plain one) reads ahead what `dadi mount`
+sets (READ_AHEAD_KB), so that both file systems issue the same reads to their block devices.
 
     .venv/bin/python tools/bench/mount.py [--runs 3] [--write]
 
