@@ -252,12 +252,14 @@ def daemon_cmd(root, config_file, cache_quota, prefetch_bandwidth, prefetch_dela
               help="Record the chunks this view reads in its first seconds to FILE (see `dadi trace`).")
 @click.option("--trace-seconds", type=float, default=None, metavar="SECONDS",
               help="How long --record-trace records [daemon's setting, 30].")
+@click.option("--supernode", "supernodes", multiple=True, metavar="URL",
+              help="Fetch through this supernode before the registry (repeatable: pieces are spread over them).")
 @click.option("--read-ahead", type=SIZE, default="512KiB", show_default=True,
               help="The loop device's read-ahead: how much ext4 reads at once from a file read in order.")
 @_daemon_setting_options
 @click.option("--json", "as_json", is_flag=True, help="Print where the view went as JSON.")
 def mount_cmd(image, directory, name, rw, root, plain_http, authfile, no_prefetch, io_timeout, prefetch_delay,
-              record_trace, trace_seconds, read_ahead, cache_quota, prefetch_bandwidth, as_json):
+              record_trace, trace_seconds, supernodes, read_ahead, cache_quota, prefetch_bandwidth, as_json):
     """Mount dadi IMAGE (docker://... or oci:DIR:TAG) lazily at DIRECTORY.
 
     Only the manifest and the layers' tables are fetched now; data is read on demand, then the rest
@@ -272,7 +274,8 @@ def mount_cmd(image, directory, name, rw, root, plain_http, authfile, no_prefetc
         info = mount(Path(root), image, Path(directory), name=name, rw=rw, plain_http=plain_http,
                      authfile=authfile, prefetch=not no_prefetch, io_timeout=io_timeout,
                      prefetch_delay=prefetch_delay, record_trace=Path(record_trace).resolve() if record_trace else None,
-                     trace_seconds=trace_seconds, settings=settings, read_ahead=read_ahead)
+                     trace_seconds=trace_seconds, settings=settings, read_ahead=read_ahead,
+                     supernodes=list(supernodes))
         click.echo(json.dumps(info) if as_json else f"mounted {image} at {info['mountpoint']} ({info['loop']})")
 
     _run(work)

@@ -7,6 +7,7 @@ The file is ROOT/daemon.toml unless `dadi daemon --config FILE` names another; e
     prefetch_delay = 2.0           # seconds after a mount before the background prefetch starts
     trace_seconds = 30.0           # how long `dadi mount --record-trace` records a view's reads
     metrics = "127.0.0.1:9464"     # serve Prometheus metrics at http://ADDR/metrics (default: off)
+    supernodes = ["http://sn1:8900", "http://sn2:8900"]  # fetch through these before the registry
 
 Unknown keys are errors, so a typo does not silently fall back to a default.
 """
@@ -30,6 +31,7 @@ class DaemonConfig:
     prefetch_delay: float = 2.0
     trace_seconds: float = 30.0
     metrics: str | None = None  # HOST:PORT for /metrics; None: not served
+    supernodes: tuple[str, ...] = ()  # URLs, tried before the registry (rendezvous hashing per piece)
 
     def with_overrides(self, **values) -> DaemonConfig:
         """This config with the given settings replaced; None means "not given" and keeps the current one."""
@@ -63,6 +65,12 @@ def load_config(path: Path, *, required: bool = False) -> DaemonConfig:
             if not isinstance(data["metrics"], str) or ":" not in data["metrics"]:
                 raise ValueError(f"metrics must be \"HOST:PORT\", not {data['metrics']!r}")
             values["metrics"] = data["metrics"]
+        if "supernodes" in data:
+            urls = data["supernodes"]
+            if not isinstance(urls, list) or not all(isinstance(u, str) and u.startswith(("http://", "https://"))
+                                                     for u in urls):
+                raise ValueError(f"supernodes must be a list of http(s):// URLs, not {urls!r}")
+            values["supernodes"] = tuple(urls)
         for key in ("prefetch_delay", "trace_seconds"):
             if key in data:
                 if isinstance(data[key], bool) or not isinstance(data[key], int | float):

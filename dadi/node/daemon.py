@@ -225,18 +225,25 @@ class Daemon:
             tables = load_layer_tables(source, desc)
             self.cache.acquire(desc.digest)  # before opening: an eviction must never take it from under us
             layers.append(LayerBlob(desc.digest, desc.size, tables, self.cache.open_blob(desc.digest, desc.size, tables)))
-        key = f"{ref.transport}:{ref.path}"
+        supernodes = tuple(request.get("supernodes") or self.config.supernodes)
+        if ref.transport == "oci":
+            key = ("oci", str(Path(ref.path).resolve()), ())
+        elif ref.transport == "docker":
+            key = ("docker", f"{source.ref.host}/{source.ref.repository}", supernodes)
+        else:
+            raise DadiError(f"{ref}: only oci: and docker:// images can be mounted")
         if key not in self._fetchers:
             if ref.transport == "oci":
                 chunk_sources = [LayoutChunkSource(Path(ref.path))]
-            elif ref.transport == "docker":
+            else:
                 # A client of its own without retries: failover and backoff are the fetcher's job.
                 chunk_sources = [RegistryChunkSource.connect(
                     source.ref.host, source.ref.repository, plain_http=options.plain_http,
                     authfile=options.authfile, timeout=10.0)]
-            else:
-                raise DadiError(f"{ref}: only oci: and docker:// images can be mounted")
-            self._fetchers[key] = Fetcher(chunk_sources, limiter=self.limiter)
+                if supernodes:
+                    chunk_sources.insert(0, _supernode_set(supernodes, source.ref, options.authfile))
+            self._fetchers[key] = Fetcher(chunk_sources, limiter=self.limiter,
+                                          on_request=self.metrics.observe_request if self.metrics else None)
         fetcher = self._fetchers[key]
         return ref, manifest, layers, fetcher, [s.name for s in fetcher.sources]
 
@@ -411,6 +418,14 @@ class Daemon:
         after = self.cache.usage()
         log.info("gc: removed %d blobs, %d bytes freed", len(removed), before - after)
         return {"removed": removed, "freed": before - after, "usage": after}
+
+
+def _supernode_set(urls, ref, authfile):
+    """Supernodes in front of the registry of `ref`, sent our credentials for that registry."""
+    from dadi.p2p.client import authorization_for
+    from dadi.p2p.sources import SupernodeSet
+
+    return SupernodeSet(urls, ref.repository, authorization=authorization_for(ref.host, ref.repository, authfile))
 
 
 def _local_bytes(layer: LayerBlob) -> int:

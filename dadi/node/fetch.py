@@ -376,6 +376,7 @@ class Fetcher:
         corrupt_penalty: float = 300.0,
         failure_penalty: float = 5.0,
         on_verified: OnVerified | None = None,
+        on_request: Callable[[str, float, bool], None] | None = None,
     ):
         if not sources:
             raise ValueError("Fetcher needs at least one chunk source")
@@ -393,6 +394,7 @@ class Fetcher:
         self.corrupt_penalty = corrupt_penalty
         self.failure_penalty = failure_penalty
         self.on_verified = on_verified
+        self.on_request = on_request  # (source name, seconds, ok) after every range request: metrics
         self.stats = FetchStats()
         self._limiter = limiter
         self._inflight: dict[tuple[str, int], _Flight] = {}
@@ -574,17 +576,28 @@ class Fetcher:
             timeout = max(0.001, min(self.request_timeout, remaining))  # the source's own socket timeout
             self.stats.requests += 1
             self.stats.requests_by_source[source.name] += 1
+            started = trio.current_time()
             with trio.move_on_after(self.request_timeout) as scope:
-                return await trio.to_thread.run_sync(
+                reply = await trio.to_thread.run_sync(
                     _request_and_verify, source, digest, chunks, run, timeout,
                     limiter=token, abandon_on_cancel=True,  # type: ignore[arg-type]  # a limiter-like object
                 )  # fmt: skip
+                self._report(source, started, not reply.error)
+                return reply
         finally:
             token.release_unused()
         # Only this request's own timeout gets here; the caller's deadline propagates as Cancelled.
         assert scope.cancelled_caught
         self.stats.request_timeouts += 1
+        self._report(source, started, False)
         return _Reply({}, [], f"{source.name}: no answer within {self.request_timeout:g}s")
+
+    def _report(self, source: ChunkSource, started: float, ok: bool) -> None:
+        if self.on_request is not None:
+            try:
+                self.on_request(source.name, trio.current_time() - started, ok)
+            except Exception:
+                log.exception("on_request hook failed")
 
     def _take_reply(
         self,

@@ -38,7 +38,7 @@ def mount(root: Path, image: str, directory: Path, *, name: str | None = None, r
           plain_http: bool = False, authfile: str | None = None, prefetch: bool = True,
           io_timeout: float = 30.0, prefetch_delay: float | None = None, record_trace: Path | None = None,
           trace_seconds: float | None = None, settings: dict | None = None,
-          read_ahead: int = DEFAULT_READ_AHEAD) -> dict:
+          read_ahead: int = DEFAULT_READ_AHEAD, supernodes: list[str] | None = None) -> dict:
     """Mount `image` lazily at `directory`; `settings` (cache_quota, prefetch_bandwidth) go to the daemon."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -56,6 +56,8 @@ def mount(root: Path, image: str, directory: Path, *, name: str | None = None, r
         message["trace_seconds"] = trace_seconds
     if settings:
         message["config"] = settings
+    if supernodes:
+        message["supernodes"] = list(supernodes)
     view = request(root, message)
     loop = None
     try:
