@@ -14,6 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # Built images survive between runs here (debootstrap takes minutes); `make clean` removes it.
 IMAGE_CACHE = REPO / ".cache" / "test-images"
+# The `node` fixture (a daemon root, always cleaned up) for every test file that mounts.
+pytest_plugins = ["mounthelpers"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,7 +16,6 @@ import pytest
 import zstandard
 from imagebuilder import OCILayoutBuilder, TarBuilder, read_layout_image, write_docker_archive
 
-from dadi.units import parse_rate, parse_size
 from dadi.digests import VerifyingReader, chain_ids, check_digest, digest_hex, sha256_digest
 from dadi.errors import ImageError
 from dadi.image import mediatypes as mt
@@ -26,6 +25,7 @@ from dadi.image.manifest import Descriptor, ImageConfig, ImageManifest, dump_jso
 from dadi.image.oci_layout import OCILayoutSource, OCILayoutTarget
 from dadi.image.transports import ImageRef, open_source, open_target, parse_image_ref
 from dadi.progress import CountingReader, Progress, human_bytes
+from dadi.units import parse_rate, parse_size
 
 
 def _hex(data: bytes) -> str:

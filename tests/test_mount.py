@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import signal
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 from conftest import dadi_cli
-
-from dadi.errors import DadiError
-from dadi.node.control import request
+from mounthelpers import mount, stats
 
 pytestmark = pytest.mark.needs_root
 
@@ -26,42 +19,6 @@ def dadi_busybox(busybox_image, tmp_path_factory):
     out = tmp_path_factory.mktemp("dadi-busybox")
     dadi_cli("convert", f"oci:{layout}:{tag}", f"oci:{out}:dadi", "--cache-dir", str(out / "cache"), "-q")
     return f"oci:{out}:dadi", layout, tag
-
-
-@pytest.fixture
-def node(tmp_path):
-    """A daemon root; afterwards every view is unmounted and the daemon stopped, even on failure."""
-    root = tmp_path / "root"
-    yield root
-    if not (root / "control.sock").exists():
-        return
-    try:
-        views = request(root, {"op": "list"})["views"]
-        pid = request(root, {"op": "ping"})["pid"]
-    except DadiError:
-        views, pid = [], None
-    for view in views:
-        dadi_cli("umount", "--force", "--root", str(root), view["name"], check=False)
-    if pid:
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, signal.SIGKILL)
-    subprocess.run(["umount", "-l", str(root / "fs")], capture_output=True)
-
-
-def mount(ref: str, directory: Path, root: Path, *extra: str) -> dict:
-    directory.mkdir(parents=True, exist_ok=True)
-    return json.loads(dadi_cli("mount", ref, str(directory), "--root", str(root), "--json", *extra).stdout)
-
-
-def stats(directory: Path, root: Path, *extra: str) -> dict:
-    return json.loads(dadi_cli("stats", str(directory), "--root", str(root), "--json", *extra).stdout)
 
 
 def test_lazy_mount_shows_the_same_tree_as_umoci_unpack(dadi_busybox, node, tmp_path):

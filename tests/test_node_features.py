@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 from conftest import dadi_cli
-from test_mount import mount, node, stats  # noqa: F401  (node is a fixture)
+from mounthelpers import mount, stats
 
 from dadi.errors import DadiError
 from dadi.node.config import DaemonConfig, load_config

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 from conftest import dadi_cli
 from images import _sparse_like_data
-from test_mount import mount, node, stats  # noqa: F401  (node is a fixture)
+from mounthelpers import mount, stats
 from test_supernode import Supernode, env  # noqa: F401  (env is a fixture)
 
 from dadi.p2p.sources import piece_key, rendezvous_order

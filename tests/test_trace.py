@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 from conftest import dadi_cli
-from test_mount import mount, node, stats  # noqa: F401  (node is a fixture)
+from mounthelpers import mount, stats
 
 from dadi.errors import ImageError
 from dadi.image.transports import RegistryOptions, open_source, parse_image_ref

@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from dadi.node.view import ChunkLRU, LayerBlob, View
 log = logging.getLogger(__name__)
 
 METADATA_TIMEOUT = 10.0  # seconds for each source to send a blob's header or footer
+RESTORE_TIMEOUT = 15.0  # seconds to bring back one view of the previous run (manifest and tables)
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Daemon:
         self.fs_dir = self.root / "fs"
         self.views_dir = self.root / "views"
         self.socket_path = self.root / "control.sock"
+        # A daemon killed with SIGKILL leaves its FUSE mount behind, dead (ENOTCONN on any access).
+        subprocess.run(["umount", "-l", str(self.fs_dir)], capture_output=True)
         for d in (self.root, self.fs_dir, self.views_dir):
             d.mkdir(parents=True, exist_ok=True)
         from dadi.node.chunkcache import ChunkCache
@@ -66,17 +70,19 @@ class Daemon:
         self.fs = ViewsFS()
         self.limiter = trio.CapacityLimiter(8)
         self.memory = ChunkLRU()
+        self.store_lock = threading.Lock()
         self.pacer = prefetch.Pacer(self.config.prefetch_bandwidth)
         self.gate = prefetch.OnDemandGate()
         self.metrics = None
         self.views: dict[str, ViewState] = {}
         self._fetchers: dict[str, object] = {}
         self._nursery: trio.Nursery | None = None
+        self._restored = trio.Event()
+        self._adding: set[str] = set()  # names of views being made (their images are loading)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def run(self) -> None:
-        subprocess.run(["umount", "-l", str(self.fs_dir)], capture_output=True)  # a dead daemon's mount
         options = set(pyfuse3.default_options)
         options |= {"fsname=dadi", "allow_other"}
         if self.config.metrics:
@@ -98,9 +104,11 @@ class Daemon:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             for path in sorted(self.views_dir.glob("*/view.json")):  # views of a previous run
                 try:
-                    await self.add_view(json.loads(path.read_text()))
-                except Exception as e:
+                    with trio.fail_after(RESTORE_TIMEOUT):
+                        await self.add_view(json.loads(path.read_text()))
+                except (Exception, trio.TooSlowError) as e:
                     log.warning("could not restore view %s: %s", path.parent.name, e)
+            self._restored.set()
             log.info("dadi daemon ready under %s", self.root)
 
     async def _watch_signals(self, scope: trio.CancelScope) -> None:
@@ -145,6 +153,9 @@ class Daemon:
         op = request.get("op")
         if op == "ping":
             return {"pid": os.getpid()}
+        # Everything else waits until the views of the previous run are back: a `dadi mount` of one of
+        # them must find it, not make it a second time.
+        await self._restored.wait()
         if op == "add_view":
             return await self.add_view(request)
         if op == "attach":
@@ -174,12 +185,28 @@ class Daemon:
 
     async def add_view(self, request: dict) -> dict:
         name = request["name"]
-        if name in self.views:
+        if name in self.views or name in self._adding:
             raise DadiError(f"view {name!r} exists already (dadi umount it first)")
-        view_dir = self._view_dir(name)
+        self._adding.add(name)
+        try:
+            return await self._add_view(name, request)
+        finally:
+            self._adding.discard(name)
+
+    async def _add_view(self, name: str, request: dict) -> dict:
+        self._view_dir(name)  # a bad name is refused before any work
         if request.get("config"):
             self.configure(request["config"])
         image, manifest, layers, fetcher, sources = await trio.to_thread.run_sync(self._load_image, request)
+        try:
+            return self._make_view(name, request, image, manifest, layers, fetcher, sources)
+        except BaseException:
+            for layer in layers:  # acquired by _load_image: nothing uses them now
+                self.cache.release(layer.digest)
+            raise
+
+    def _make_view(self, name, request, image, manifest, layers, fetcher, sources) -> dict:
+        view_dir = self._view_dir(name)
         writable = None
         if request.get("rw"):
             from dadi.node.writable import WritableLayer
@@ -195,7 +222,7 @@ class Daemon:
             self._nursery.start_soon(self._finish_trace, name, trace)
         view = View(name, layers, fetcher=fetcher, limiter=self.limiter, memory=self.memory,
                     writable=writable, io_timeout=float(request.get("io_timeout", 30)), gate=self.gate,
-                    spawn=self._nursery.start_soon, trace=trace)
+                    spawn=self._nursery.start_soon, trace=trace, store_lock=self.store_lock)
         state = ViewState(view, request, sources, image, manifest)
         self.views[name] = state
         self.fs.add(view)
@@ -221,10 +248,20 @@ class Daemon:
         manifest = source.get_manifest()
         require_dadi_image(manifest, source.description)
         layers = []
-        for desc in manifest.layers:
-            tables = load_layer_tables(source, desc)
-            self.cache.acquire(desc.digest)  # before opening: an eviction must never take it from under us
-            layers.append(LayerBlob(desc.digest, desc.size, tables, self.cache.open_blob(desc.digest, desc.size, tables)))
+        try:
+            for desc in manifest.layers:
+                tables = load_layer_tables(source, desc)
+                self.cache.acquire(desc.digest)  # before opening: an eviction must never take it from under us
+                try:
+                    blob = self.cache.open_blob(desc.digest, desc.size, tables)
+                except BaseException:
+                    self.cache.release(desc.digest)
+                    raise
+                layers.append(LayerBlob(desc.digest, desc.size, tables, blob))
+        except BaseException:
+            for layer in layers:
+                self.cache.release(layer.digest)
+            raise
         supernodes = tuple(request.get("supernodes") or self.config.supernodes)
         if ref.transport == "oci":
             key = ("oci", str(Path(ref.path).resolve()), ())

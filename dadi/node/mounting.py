@@ -12,7 +12,6 @@ from pathlib import Path
 from dadi.errors import DadiError
 from dadi.node.control import ensure_daemon, request
 
-
 # The loop device's read-ahead: how much ext4 reads at once when a file is read from start to end. Loop
 # devices keep the value their last user set (one came with 2560 KiB here), so a mount sets its own.
 # Measured on the node benchmark's cold start (tools/bench/mount.py, 2026-11-24): 128 KiB (the kernel's

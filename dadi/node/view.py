@@ -101,7 +101,7 @@ class ReadTimeout(ReadFailed):
 class View:
     def __init__(self, name: str, layers: list[LayerBlob], *, fetcher, limiter: trio.CapacityLimiter,
                  memory: ChunkLRU, writable=None, io_timeout: float = 30.0, gate=None, spawn=None,
-                 trace=None):
+                 trace=None, store_lock: threading.Lock | None = None):
         """`gate` (dadi.node.prefetch.OnDemandGate) is told when reads wait on the network; `spawn`
         starts a background task (read-ahead; none without it); `trace` records what reads need."""
         self.name = name
@@ -115,7 +115,9 @@ class View:
         self.gate = gate
         self.spawn = spawn
         self.trace = trace
-        self._store_lock = threading.Lock()
+        # Shared by every view of a daemon: views of one image share its blob caches, and a chunk two of
+        # them fetched at once must be stored (and counted) once.
+        self._store_lock = store_lock or threading.Lock()
         self._next_offset = -1  # where a sequential read would start
         self._window = 0  # read-ahead window, disk bytes; 0: reads are not sequential
         self._reading_ahead = False
