@@ -34,6 +34,21 @@ def test_a_recorder_keeps_first_reads_in_order_until_its_time_is_up(tmp_path):
     assert trace.chunks_of("sha256:" + "c" * 64, 100) == []
 
 
+def test_trace_prefetch_asks_for_few_ranges_first_needed_first():
+    """What a node sends the registry for a trace: one range per run, joined over small gaps, and the
+    run holding the container's first read goes first (it waits for it)."""
+    from types import SimpleNamespace
+
+    from dadi.node.prefetch import trace_runs
+
+    chunks = [SimpleNamespace(length=100) for _ in range(40)]
+    order = [30, 31, 0, 2, 3, 10, 20, 21, 14]  # 1 lies in a gap of one chunk; 14 is 4 past 10
+    runs = trace_runs(order, chunks, missing=set(range(40)) - {21}, max_gap=2, max_bytes=300)
+    assert runs == [[30, 31], [0, 1, 2], [3], [10], [20], [14]]
+    # 21 is local already, so not asked for; 3 would make [0..3] 400 bytes, over the 300-byte cap
+    assert 21 not in sum(runs, [])
+
+
 @pytest.mark.parametrize("raw, problem", [
     (b"[]", "JSON object"),
     (b'{"mediaType": "text/plain", "layers": [], "chunks": []}', "not a dadi trace"),

@@ -28,6 +28,9 @@ BATCH_CHUNKS = 32  # chunks per prefetch request: 2 MiB of 64 KiB chunks, ~17 ms
 WORKERS = 3  # batches in flight at once, so that one round trip does not idle the link
 RETRY_PAUSE = 5.0  # seconds before prefetch tries again after the sources failed
 BATCH_DEADLINE = 120.0
+TRACE_GAP_CHUNKS = 2  # a trace's runs are joined across up to this many chunks it does not list
+TRACE_RUN_BYTES = 1 << 20  # small enough that the first runs arrive while the container starts
+TRACE_WORKERS = 4  # trace requests in flight at once
 
 
 class Pacer:
@@ -104,16 +107,50 @@ async def fetch_batches(view, work: list[tuple[object, list[int]]], pacer: Pacer
             nursery.start_soon(worker)
 
 
+def trace_runs(trace_order: list[int], chunks, missing: set[int], max_gap: int = TRACE_GAP_CHUNKS,
+               max_bytes: int = TRACE_RUN_BYTES) -> list[list[int]]:
+    """The missing chunks of a trace cut into runs that are one range request each, earliest first.
+
+    A trace lists chunks in the order the container first read them, which jumps around the blob. Sorted
+    and joined across gaps of up to `max_gap` chunks (the gap's chunks are fetched too: a few KiB more on
+    a request is cheaper than another round trip, and they are part of the image anyway), ~650 chunks of
+    a Python start become ~70 requests instead of ~300. The runs are ordered by the earliest trace
+    position of any chunk they hold, so what the container needs first comes first."""
+    position = {}
+    for n, index in enumerate(trace_order):
+        if index in missing:
+            position.setdefault(index, n)
+    runs: list[list[int]] = []
+    size = 0
+    for index in sorted(position):
+        if runs:
+            last = runs[-1][-1]
+            gap = range(last + 1, index)
+            extra = [i for i in gap if i in missing]
+            if len(gap) <= max_gap and len(extra) == len(gap) and size + chunks[index].length <= max_bytes:
+                runs[-1] += [*extra, index]
+                size += sum(chunks[i].length for i in (*extra, index))
+                continue
+        runs.append([index])
+        size = chunks[index].length
+    return sorted(runs, key=lambda run: min(position.get(i, len(trace_order)) for i in run))
+
+
 async def prefetch_trace(view, trace, pacer: Pacer) -> int:
-    """Fetch the trace's chunks of the view's layers, several batches at once; how many were missing."""
+    """Fetch the trace's chunks of the view's layers, several requests at once; how many of them were
+    missing (the chunks fetched to fill gaps are not counted)."""
     work = []
+    listed = 0
     for layer in view.layers:
         wanted = trace.chunks_of(layer.digest, len(layer.tables.chunks))
-        missing = await trio.to_thread.run_sync(layer.cache.missing, wanted)
-        # Small batches: the first chunks of the trace are the first the container needs.
-        work += [(layer, b) for b in batches(missing, 8)]
-    await fetch_batches(view, work, pacer, gate=None, workers=WORKERS + 1)
-    return sum(len(b) for _, b in work)
+        if not wanted:
+            continue
+        span = range(min(wanted), max(wanted) + 1)
+        missing = set(await trio.to_thread.run_sync(layer.cache.missing, span))
+        listed += len(missing.intersection(wanted))
+        work += [(layer, run) for run in trace_runs(wanted, layer.tables.chunks, missing)]
+    await fetch_batches(view, work, pacer, gate=None, workers=TRACE_WORKERS)
+    return listed
 
 
 async def prefetch_layers(view, pacer: Pacer, gate: OnDemandGate, read_metadata) -> None:
