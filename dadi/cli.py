@@ -443,3 +443,4 @@ def mount_main() -> None:
 if __name__ == "__main__":
     main()
 import dadi.cli_p2p  # noqa: E402, F401 - registers `dadi supernode` and `dadi prewarm` on main
+import dadi.cli_snapshotter  # noqa: E402, F401 - registers `dadi snapshotter` and `dadi pull` on main

@@ -6,6 +6,7 @@ Layout of the root (default /var/lib/dadi):
     fs/                  the FUSE mount: one file per view, the view's disk
     cache/               the chunk cache (dadi.node.chunkcache)
     views/NAME/view.json what the view is (image, options) and where it is attached (loop, mountpoint)
+                         (add_view "layers": [digests] views only those bottom layers of the image)
     views/NAME/writable/ the view's private writable layer (with --rw), kept across umount/mount
     daemon.log           the daemon's log when `dadi mount` started it
     daemon.toml          optional settings (dadi.node.config)
@@ -261,7 +262,7 @@ class Daemon:
         require_dadi_image(manifest, source.description)
         layers = []
         try:
-            for desc in manifest.layers:
+            for desc in _wanted_layers(manifest, request.get("layers"), source.description):
                 tables = load_layer_tables(source, desc)
                 self.cache.acquire(desc.digest)  # before opening: an eviction must never take it from under us
                 try:
@@ -467,6 +468,18 @@ class Daemon:
         after = self.cache.usage()
         log.info("gc: removed %d blobs, %d bytes freed", len(removed), before - after)
         return {"removed": removed, "freed": before - after, "usage": after}
+
+
+def _wanted_layers(manifest, digests: list[str] | None, where: str):
+    """The manifest's layers, or with `digests` (add_view's "layers", bottom first; the containerd
+    snapshotter's parent chain) only the bottom ones, which must be exactly those."""
+    if digests is None:
+        return manifest.layers
+    have = [desc.digest for desc in manifest.layers[:len(digests)]]
+    if not digests or have != list(digests):
+        raise DadiError(f"{where}: the image's bottom layers are not {', '.join(digests) or 'given'} "
+                        f"(its layers: {', '.join(d.digest for d in manifest.layers)})")
+    return manifest.layers[:len(digests)]
 
 
 def _supernode_set(urls, ref, authfile):

@@ -5,8 +5,10 @@
         ctd.ctr("run", "--rm", "--snapshotter", "overlayfs", ref, "name", "python3", "/app/start.py")
 
 Nothing is shared with a system containerd (none needs to run): every path is under the directory,
-the CRI plugin is off. A fresh directory is a node that has never pulled anything. On exit the daemon
-is stopped by its pid, anything still mounted under the directory is detached, and the directory goes.
+the CRI plugin is off unless `cri=True`. `snapshotters={"dadi": "/run/dadi/snapshotter.sock"}` adds
+a `[proxy_plugins.NAME] type = "snapshot"` stanza per entry; `extra_config` is appended TOML. A fresh
+directory is a node that has never pulled anything. On exit the daemon is stopped by its pid,
+anything still mounted under the directory is detached, and the directory goes.
 """
 
 from __future__ import annotations
@@ -36,10 +38,14 @@ def mounts_under(path: Path) -> list[str]:
 
 
 class Containerd:
-    def __init__(self, directory: Path, *, plain_http_hosts: tuple[str, ...] = ()):
+    def __init__(self, directory: Path, *, plain_http_hosts: tuple[str, ...] = (), cri: bool = False,
+                 snapshotters: dict[str, str] | None = None, extra_config: str = ""):
         self.dir = Path(directory)
         self.socket = self.dir / "containerd.sock"
         self.plain_http_hosts = plain_http_hosts
+        self.cri = cri
+        self.snapshotters = dict(snapshotters or {})
+        self.extra_config = extra_config
         self._process: subprocess.Popen | None = None
 
     @property
@@ -53,7 +59,7 @@ class Containerd:
             "version = 2",
             f"root = {q(str(self.dir / 'root'))}",
             f"state = {q(str(self.dir / 'state'))}",
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+            f"disabled_plugins = {'[]' if self.cri else '[' + q('io.containerd.grpc.v1.cri') + ']'}",
             "[grpc]",
             f"  address = {q(str(self.socket))}",
             "[ttrpc]",
@@ -63,7 +69,9 @@ class Containerd:
             '[plugins."io.containerd.internal.v1.opt"]',
             f"  path = {q(str(self.dir / 'opt'))}",
         ]
-        return "\n".join(lines) + "\n"
+        for name, address in self.snapshotters.items():
+            lines += [f"[proxy_plugins.{q(name)}]", '  type = "snapshot"', f"  address = {q(str(address))}"]
+        return "\n".join(lines) + "\n" + self.extra_config
 
     def start(self) -> Containerd:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""containerd API subset (generated modules); see generate.py."""
