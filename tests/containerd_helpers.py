@@ -5,7 +5,10 @@
         node.ctr("run", "--rm", "--snapshotter", "dadi", ref, "c1", "cat", "/etc/hostname")
 
 containerd's config is the documented one: `[proxy_plugins.dadi] type = "snapshot" address = SOCK`
-(tools/bench/containerd.py writes it; `cri=True` turns the CRI plugin on). The snapshotter runs as
+(tools/bench/containerd.py writes it; `cri=True` turns the CRI plugin on, `extra_config` is TOML appended
+to containerd's config, e.g. the CRI plugin's `snapshotter = "dadi"` table). `snapshotter_args` are extra
+`dadi snapshotter` options (`--config FILE`, `--rw-mode overlayfs`); `node.snapshotter.kill()/.start()`
+restart it; `node.daemon_root` is the node daemon's root (`dadi ls --root`). The snapshotter runs as
 `dadi snapshotter --root DIR/snapshotter --address DIR/snapshotter.sock --daemon-root DIR/node`;
 the node daemon starts by itself on the first container over a dadi image.
 
@@ -81,13 +84,14 @@ class SnapshotterProcess:
 
 
 class DadiContainerd:
-    def __init__(self, directory: Path, *, snapshotter_args: tuple[str, ...] = (), cri: bool = False):
+    def __init__(self, directory: Path, *, snapshotter_args: tuple[str, ...] = (), cri: bool = False,
+                 extra_config: str = ""):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.daemon_root = self.dir / "node"
         self.snapshotter = SnapshotterProcess(self.dir / "snapshotter", self.dir / "snapshotter.sock",
                                               self.daemon_root, *snapshotter_args)
-        self.containerd = Containerd(self.dir / "containerd", cri=cri,
+        self.containerd = Containerd(self.dir / "containerd", cri=cri, extra_config=extra_config,
                                      snapshotters={"dadi": str(self.snapshotter.address)})
 
     @property

@@ -279,13 +279,18 @@ def test_the_snapshotter_restarts_under_a_running_container(node, busybox_ref):
                        "/bin/busybox", "wc", "-l", "/count", check=False).stdout.split()
         return int(out[0]) if out else 0
 
+    def mounts() -> str:
+        return node.ctr("snapshots", "--snapshotter", "dadi", "mounts", "/target", "looper", check=False).stdout
+
     before = poll("the container writes", lines)
+    mounted = mounts()
+    assert mounted.startswith("mount -t ext4 /dev/loop") and "/target" in mounted, mounted
     node.snapshotter.kill()
     node.snapshotter.start()
     poll("the container goes on writing after the restart", lambda: lines() > before)
     # containerd's connection to the proxy comes back after gRPC's reconnect backoff (about a second).
-    info = poll("containerd reaches the restarted snapshotter", lambda: node.ctr(
-        "snapshots", "--snapshotter", "dadi", "info", "looper", check=False).stdout)
+    assert poll("containerd reaches the restarted snapshotter", mounts) == mounted
+    info = node.ctr("snapshots", "--snapshotter", "dadi", "info", "looper").stdout
     assert json.loads(info)["Kind"] == "Active"
     node.ctr("task", "kill", "-s", "SIGKILL", "looper")
     node.wait_task_stopped("looper")
