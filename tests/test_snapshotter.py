@@ -384,3 +384,36 @@ def test_debian_through_dadi_pull_and_ctr_run(debian_image, module_registry, nod
     held = content_digests(node)
     assert {summary["manifest"], summary["config"]} <= held
     assert not {layer["digest"] for layer in summary["layers"]} & held, "containerd downloaded a layer"
+
+
+# --- bad input --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.needs_root
+def test_pulling_an_ordinary_image_with_dadi_pull_is_refused_and_writes_nothing(node, busybox_image,
+                                                                              module_registry):
+    layout, tag = busybox_image
+    ref = f"{module_registry.host}/not-dadi/busybox:v1"
+    subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{ref}"],
+                   check=True, capture_output=True)
+    result = dadi_cli("pull", "--containerd", str(node.socket), "--plain-http", "-n", "refused", ref, check=False)
+    assert result.returncode == 1
+    assert "not a dadi image" in result.stderr and ref in result.stderr, result.stderr
+    assert node.ctr("-n", "refused", "images", "ls", "-q").stdout == ""
+
+
+@pytest.mark.needs_root
+def test_dadi_pull_names_an_unreachable_containerd(tmp_path, busybox_ref):
+    result = dadi_cli("pull", "--containerd", str(tmp_path / "no.sock"), "--plain-http", busybox_ref, check=False)
+    assert result.returncode == 1
+    assert f"containerd at {tmp_path / 'no.sock'}" in result.stderr, result.stderr
+
+
+def test_the_snapshotter_refuses_a_bad_config_file(tmp_path):
+    config = tmp_path / "snapshotter.toml"
+    config.write_text('rw_mode = "devmapper"\n')
+    result = dadi_cli("snapshotter", "--root", str(tmp_path / "root"), "--address", str(tmp_path / "s.sock"),
+                      "--config", str(config), check=False)
+    assert result.returncode == 1
+    assert str(config) in result.stderr and "rw_mode" in result.stderr, result.stderr
+    assert not (tmp_path / "s.sock").exists()
