@@ -38,6 +38,7 @@ from dadi.format.blob import (
     tables_offset,
 )
 from dadi.format.model import BLOCK_SIZE, DEFAULT_DISK_SIZE, Chunk, Extent, LayerTables
+from dadi.image import mediatypes as mt
 
 MiB = 1 << 20
 
@@ -247,7 +248,7 @@ def test_writer_rejects_bad_geometry_and_use_after_finish():
 
 def test_constants():
     assert FORMAT_VERSION in SUPPORTED_VERSIONS
-    assert LAYER_MEDIA_TYPE == "application/vnd.dadi.layer.v1"
+    assert LAYER_MEDIA_TYPE == mt.DADI_LAYER == "application/vnd.oci.image.layer.v1.tar+dadi"
     assert (HEADER_SIZE, FOOTER_SIZE) == (64, 80)
 
 

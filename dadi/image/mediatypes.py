@@ -15,7 +15,13 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 
-DADI_LAYER = "application/vnd.dadi.layer.v1"
+# An OCI layer media type with a "+dadi" suffix, not a vendor type of its own: containerd (images.IsLayerType)
+# treats only "application/vnd.oci.image.layer.*" and Docker's rootfs types as layers. Anything else is
+# fetched in full as a plain child of the manifest and never reaches the unpacker, so CRI PullImage would
+# download every dadi blob and hand the snapshotter no layer labels. With the suffix, containerd's
+# unpacker passes the layer annotations to the snapshotter, which answers AlreadyExists (nothing is
+# downloaded); a snapshotter that does not know dadi gets "no processor for media-type" instead of a tar.
+DADI_LAYER = "application/vnd.oci.image.layer.v1.tar+dadi"
 
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
