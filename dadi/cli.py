@@ -209,8 +209,10 @@ def _daemon_setting_options(f):
               help="Seconds after a mount before background prefetch starts [2].")
 @click.option("--metrics", default=None, metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
+@click.option("--p2p-listen", default=None, metavar="HOST:PORT",
+              help="Serve the verified chunks this node holds to peers here, and announce them to supernodes.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every view and prefetch event.")
-def daemon_cmd(root, config_file, cache_quota, prefetch_bandwidth, prefetch_delay, metrics, verbose):
+def daemon_cmd(root, config_file, cache_quota, prefetch_bandwidth, prefetch_delay, metrics, p2p_listen, verbose):
     """Run the node daemon in the foreground (`dadi mount` starts one in the background when needed).
 
     It serves the FUSE file system of views under ROOT/fs, the chunk cache under ROOT/cache and a
@@ -229,7 +231,7 @@ def daemon_cmd(root, config_file, cache_quota, prefetch_bandwidth, prefetch_dela
         path = Path(config_file) if config_file else Path(root) / CONFIG_NAME
         config = load_config(path, required=bool(config_file)).with_overrides(
             cache_quota=cache_quota, prefetch_bandwidth=prefetch_bandwidth, prefetch_delay=prefetch_delay,
-            metrics=metrics)
+            metrics=metrics, p2p_listen=p2p_listen)
         Daemon(Path(root), config).run()
 
     _run(work)
@@ -254,12 +256,16 @@ def daemon_cmd(root, config_file, cache_quota, prefetch_bandwidth, prefetch_dela
               help="How long --record-trace records [daemon's setting, 30].")
 @click.option("--supernode", "supernodes", multiple=True, metavar="URL",
               help="Fetch through this supernode before the registry (repeatable: pieces are spread over them).")
+@click.option("--p2p-listen", default=None, metavar="HOST:PORT",
+              help="The daemon serves the verified chunks it holds to peers here and announces them to the "
+                   "supernodes, which redirect other nodes to it for hot pieces.")
 @click.option("--read-ahead", type=SIZE, default="512KiB", show_default=True,
               help="The loop device's read-ahead: how much ext4 reads at once from a file read in order.")
 @_daemon_setting_options
 @click.option("--json", "as_json", is_flag=True, help="Print where the view went as JSON.")
 def mount_cmd(image, directory, name, rw, root, plain_http, authfile, no_prefetch, io_timeout, prefetch_delay,
-              record_trace, trace_seconds, supernodes, read_ahead, cache_quota, prefetch_bandwidth, as_json):
+              record_trace, trace_seconds, supernodes, p2p_listen, read_ahead, cache_quota, prefetch_bandwidth,
+              as_json):
     """Mount dadi IMAGE (docker://... or oci:DIR:TAG) lazily at DIRECTORY.
 
     Only the manifest and the layers' tables are fetched now; data is read on demand, then the rest
@@ -275,7 +281,7 @@ def mount_cmd(image, directory, name, rw, root, plain_http, authfile, no_prefetc
                      authfile=authfile, prefetch=not no_prefetch, io_timeout=io_timeout,
                      prefetch_delay=prefetch_delay, record_trace=Path(record_trace).resolve() if record_trace else None,
                      trace_seconds=trace_seconds, settings=settings, read_ahead=read_ahead,
-                     supernodes=list(supernodes))
+                     supernodes=list(supernodes), p2p_listen=p2p_listen)
         click.echo(json.dumps(info) if as_json else f"mounted {image} at {info['mountpoint']} ({info['loop']})")
 
     _run(work)

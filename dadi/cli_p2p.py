@@ -27,14 +27,21 @@ from dadi.cli import SIZE, _authfile_option, _plain_http_option, _run, main
               help="Reach the registry through this HTTP proxy (a Dragonfly dfdaemon, say).")
 @click.option("--access-ttl", type=float, default=60.0, show_default=True, metavar="SECONDS",
               help="How long a node's access to a blob, once the registry allowed it, is taken as granted.")
+@click.option("--p2p-hot-requests", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Requests for a piece within 10 s that make it hot: from then on nodes are redirected to "
+                   "peers that hold it [2].")
+@click.option("--p2p-fanout", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Redirects one peer may be serving at once [4].")
 @click.option("-v", "--verbose", is_flag=True, help="Log every piece fetched and every request refused.")
 def supernode_cmd(listen, registry, cache_dir, cache_quota, plain_http, authfile, upstream_proxy, access_ttl,
-                  verbose):
+                  p2p_hot_requests, p2p_fanout, verbose):
     """Serve blobs of REGISTRY to nodes, caching them in pieces: each piece leaves the registry once.
 
     Nodes ask GET /v2/REPO/blobs/sha256:HEX with a Range header, as they would ask the registry, and
     forward their registry credentials (Authorization: Basic); a node the registry refuses is refused
-    here too. POST /prewarm fills the cache with an image (see `dadi prewarm`); /healthz and /metrics
+    here too. Nodes that serve peers (`dadi mount --p2p-listen`) announce their pieces to POST
+    /p2p/announce; a request for a hot piece a peer holds is answered with a 307 to that peer
+    (docs/P2P.md). POST /prewarm fills the cache with an image (see `dadi prewarm`); /healthz and /metrics
     are for operators. SIGTERM or SIGINT stop it; the cache is kept for the next start.
     """
     import logging
@@ -57,6 +64,7 @@ def supernode_cmd(listen, registry, cache_dir, cache_quota, plain_http, authfile
     settings = SupernodeSettings(
         listen=listen, registry=registry, cache_dir=Path(cache_dir), cache_quota=cache_quota,
         plain_http=plain_http, authfile=authfile, upstream_proxy=upstream_proxy, allow_ttl=access_ttl,
+        hot_requests=p2p_hot_requests, peer_fanout=p2p_fanout,
     )  # fmt: skip
     _run(lambda: trio.run(serve, settings))
 

@@ -8,6 +8,7 @@ The file is ROOT/daemon.toml unless `dadi daemon --config FILE` names another; e
     trace_seconds = 30.0           # how long `dadi mount --record-trace` records a view's reads
     metrics = "127.0.0.1:9464"     # serve Prometheus metrics at http://ADDR/metrics (default: off)
     supernodes = ["http://sn1:8900", "http://sn2:8900"]  # fetch through these before the registry
+    p2p_listen = "0.0.0.0:8901"    # serve verified chunks to peers here, announce them to the supernodes
 
 Unknown keys are errors, so a typo does not silently fall back to a default.
 """
@@ -32,6 +33,7 @@ class DaemonConfig:
     trace_seconds: float = 30.0
     metrics: str | None = None  # HOST:PORT for /metrics; None: not served
     supernodes: tuple[str, ...] = ()  # URLs, tried before the registry (rendezvous hashing per piece)
+    p2p_listen: str | None = None  # HOST:PORT to serve peers on (dadi.p2p.peernode); None: not served
 
     def with_overrides(self, **values) -> DaemonConfig:
         """This config with the given settings replaced; None means "not given" and keeps the current one."""
@@ -61,10 +63,11 @@ def load_config(path: Path, *, required: bool = False) -> DaemonConfig:
             values["cache_quota"] = parse_size(data["cache_quota"])
         if "prefetch_bandwidth" in data:
             values["prefetch_bandwidth"] = parse_rate(data["prefetch_bandwidth"])
-        if "metrics" in data:
-            if not isinstance(data["metrics"], str) or ":" not in data["metrics"]:
-                raise ValueError(f"metrics must be \"HOST:PORT\", not {data['metrics']!r}")
-            values["metrics"] = data["metrics"]
+        for key in ("metrics", "p2p_listen"):
+            if key in data:
+                if not isinstance(data[key], str) or ":" not in data[key]:
+                    raise ValueError(f"{key} must be \"HOST:PORT\", not {data[key]!r}")
+                values[key] = data[key]
         if "supernodes" in data:
             urls = data["supernodes"]
             if not isinstance(urls, list) or not all(isinstance(u, str) and u.startswith(("http://", "https://"))

@@ -86,6 +86,9 @@ class Daemon:
         self.pacer = prefetch.Pacer(self.config.prefetch_bandwidth)
         self.gate = prefetch.OnDemandGate()
         self.metrics = None
+        from dadi.p2p.peernode import PeerNode
+
+        self.peers = PeerNode(self)  # serves peers once an address is known (config or dadi mount --p2p-listen)
         self.views: dict[str, ViewState] = {}
         self._fetchers: dict[str, object] = {}
         self._nursery: trio.Nursery | None = None
@@ -115,6 +118,8 @@ class Daemon:
             nursery.start_soon(pyfuse3.main)
             nursery.start_soon(self._serve_control)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            if self.config.p2p_listen:
+                await self.peers.ensure_serving(nursery, self.config.p2p_listen)
             for path in sorted(self.views_dir.glob("*/view.json")):  # views of a previous run
                 try:
                     with trio.fail_after(RESTORE_TIMEOUT):
@@ -210,6 +215,8 @@ class Daemon:
         self._view_dir(name)  # a bad name is refused before any work
         if request.get("config"):
             self.configure(request["config"])
+        if request.get("p2p_listen"):
+            await self.peers.ensure_serving(self._nursery, request["p2p_listen"])
         image, manifest, layers, fetcher, sources = await trio.to_thread.run_sync(self._load_image, request)
         try:
             return self._make_view(name, request, image, manifest, layers, fetcher, sources)
@@ -291,7 +298,8 @@ class Daemon:
                     source.ref.host, source.ref.repository, plain_http=options.plain_http,
                     authfile=options.authfile, timeout=10.0)]
                 if supernodes:
-                    chunk_sources.insert(0, _supernode_set(supernodes, source.ref, options.authfile))
+                    chunk_sources.insert(0, _supernode_set(supernodes, source.ref, options.authfile,
+                                                           lambda: self.peers.port))
             self._fetchers[key] = Fetcher(chunk_sources, limiter=self.limiter,
                                           on_request=self.metrics.observe_request if self.metrics else None)
         fetcher = self._fetchers[key]
@@ -442,6 +450,7 @@ class Daemon:
             "read_errors": s.read_errors,
             "io_timeouts": s.io_timeouts,
             "corrupt_chunks": fetch_stats.corrupt_chunks + sum(layer.cache.corrupt for layer in view.layers),
+            "peers": {**_peer_stats(view.fetcher), "served": self.peers.stats()},
             "writes": s.writes,
         }
 
@@ -482,12 +491,19 @@ def _wanted_layers(manifest, digests: list[str] | None, where: str):
     return manifest.layers[:len(digests)]
 
 
-def _supernode_set(urls, ref, authfile):
+def _supernode_set(urls, ref, authfile, peer_port=lambda: None):
     """Supernodes in front of the registry of `ref`, sent our credentials for that registry."""
     from dadi.p2p.client import authorization_for
     from dadi.p2p.sources import SupernodeSet
 
-    return SupernodeSet(urls, ref.repository, authorization=authorization_for(ref.host, ref.repository, authfile))
+    return SupernodeSet(urls, ref.repository, authorization=authorization_for(ref.host, ref.repository, authfile),
+                        peer_port=peer_port)
+
+
+def _peer_stats(fetcher) -> dict:
+    """What this view's image source got from peers (dadi.p2p.sources.PeerStats of its supernodes)."""
+    stats = [s.peer_stats for s in fetcher.sources if hasattr(s, "peer_stats")]
+    return {k: sum(getattr(s, k) for s in stats) for k in ("redirects", "received_bytes", "failures", "corrupt_chunks")}
 
 
 def _local_bytes(layer: LayerBlob) -> int:

@@ -76,6 +76,14 @@ class SourceError(DadiError):
     """One source could not deliver a range (unreachable, missing blob, HTTP error, IO error)."""
 
 
+class Redirected(SourceError):
+    """An HttpChunkSource asked not to follow redirects got one (a supernode sending the node to a peer)."""
+
+    def __init__(self, message: str, location: str):
+        super().__init__(message)
+        self.location = location
+
+
 class ChunkSource(Protocol):
     """Somewhere a layer blob's byte ranges can be read from. `fetch_range` blocks (it runs in a worker
     thread) and raises SourceError on failure; it may return fewer bytes than asked (a short read)."""
@@ -201,15 +209,27 @@ class HttpChunkSource:
         self.session = session if session is not None else requests.Session()
         self.authorization = authorization
 
-    def fetch_range(self, digest: str, offset: int, length: int, timeout: float) -> bytes:
+    def fetch_range(self, digest: str, offset: int, length: int, timeout: float, *,
+                    headers: dict[str, str] | None = None, follow_redirects: bool = True) -> bytes:
+        """`headers` are added to the request; with follow_redirects=False a redirect raises Redirected."""
+        url = f"{self.base_url}/v2/{self.repository}/blobs/sha256:{_blob_hex(digest)}"
+        return self.fetch_url(url, offset, length, timeout, headers=headers, follow_redirects=follow_redirects)
+
+    def fetch_url(self, url: str, offset: int, length: int, timeout: float, *,
+                  headers: dict[str, str] | None = None, follow_redirects: bool = True,
+                  send_authorization: bool = True) -> bytes:
+        """fetch_range at a URL of its own (a redirect's Location); send_authorization=False for a peer."""
         import requests
 
-        url = f"{self.base_url}/v2/{self.repository}/blobs/sha256:{_blob_hex(digest)}"
-        headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
-        if self.authorization:
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity", **(headers or {})}
+        if self.authorization and send_authorization:
             headers["Authorization"] = self.authorization
         try:
-            with self.session.get(url, headers=headers, timeout=timeout, stream=True) as resp:
+            with self.session.get(url, headers=headers, timeout=timeout, stream=True,
+                                  allow_redirects=follow_redirects) as resp:
+                if resp.is_redirect and not follow_redirects:
+                    raise Redirected(f"{self.name}: {url}: HTTP {resp.status_code} to {resp.headers['Location']}",
+                                     resp.headers["Location"])
                 if resp.status_code == 206:
                     start = _content_range_start(resp.headers.get("Content-Range", ""))
                     if start != offset:
@@ -625,7 +645,12 @@ class Fetcher:
                 "chunk source %s sent corrupt bytes for %s chunk(s) %s; trying the next source",
                 source.name, digest, _describe(reply.corrupt),
             )  # fmt: skip
-            self._penalize(source, self.corrupt_penalty)
+            # A source that passes on bytes from others (supernodes redirecting to peers) may know who
+            # sent these; then that one is penalised, not the whole source.
+            blame = getattr(source, "blame_corrupt", None)
+            spans = [(chunks[i].offset, chunks[i].length) for i in reply.corrupt]
+            if blame is None or not blame(digest, spans):
+                self._penalize(source, self.corrupt_penalty)
         if reply.error:
             self.stats.errors += 1
             self.stats.errors_by_source[source.name] += 1

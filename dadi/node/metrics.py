@@ -14,6 +14,13 @@ What an operator asks, and the metric that answers:
                                         dadi_node_io_timeouts_total, dadi_node_read_errors_total
 - how far is prefetch?                  dadi_node_chunks_local / dadi_node_chunks_total{view},
                                         dadi_node_prefetch_done{view}
+- what did peers give us?               dadi_node_peer_redirects_total, dadi_node_peer_received_bytes_total,
+                                        dadi_node_peer_failures_total, dadi_node_peer_corrupt_chunks_total
+                                        (fetched bytes from peers count as source="supernode" above:
+                                        the supernode sent the node there)
+- what did we give peers?               dadi_node_peer_sent_bytes_total, dadi_node_peer_uploads_total,
+                                        dadi_node_peer_refused_total{reason}, dadi_node_peer_announces_total,
+                                        dadi_node_peer_pieces_announced
 """
 
 from __future__ import annotations
@@ -106,6 +113,39 @@ class _Collector:
             total.add_metric([name], sum(len(layer.tables.chunks) for layer in view.layers))
             done.add_metric([name], 1 if state.prefetch_state == "done" else 0)
         yield from (hits, misses, io_timeouts, read_errors, local, total, done)
+        yield from _peer_metrics(self.daemon, fetchers)
+
+
+def _peer_metrics(daemon, fetchers):
+    got = {"redirects": 0, "received_bytes": 0, "failures": 0, "corrupt_chunks": 0}
+    for fetcher in fetchers:
+        for source in fetcher.sources:
+            stats = getattr(source, "peer_stats", None)
+            for key in got if stats is not None else ():
+                got[key] += getattr(stats, key)
+    yield CounterMetricFamily("dadi_node_peer_redirects", "Supernode redirects to peers followed",
+                              value=got["redirects"])
+    yield CounterMetricFamily("dadi_node_peer_received_bytes", "Bytes peers sent (each chunk then checked)",
+                              value=got["received_bytes"])
+    yield CounterMetricFamily("dadi_node_peer_failures",
+                              "Redirects where the peer failed, timed out, was busy or sent a short read",
+                              value=got["failures"])
+    yield CounterMetricFamily("dadi_node_peer_corrupt_chunks", "Chunks from peers that failed their sha256",
+                              value=got["corrupt_chunks"])
+    served = daemon.peers.stats() if getattr(daemon, "peers", None) is not None else {}
+    yield CounterMetricFamily("dadi_node_peer_sent_bytes", "Bytes this node served to peers",
+                              value=served.get("sent_bytes", 0))
+    yield CounterMetricFamily("dadi_node_peer_uploads", "Ranges this node served to peers",
+                              value=served.get("uploads", 0))
+    refused = CounterMetricFamily("dadi_node_peer_refused", "Peer requests refused: busy (503), forbidden "
+                                  "(403, no valid ticket), not_held (404)", labels=["reason"])
+    for reason in ("busy", "forbidden", "not_held"):
+        refused.add_metric([reason], served.get(reason, 0))
+    yield refused
+    yield CounterMetricFamily("dadi_node_peer_announces", "Announces the supernodes accepted",
+                              value=served.get("announces", 0))
+    yield GaugeMetricFamily("dadi_node_peer_pieces_announced", "Pieces announced as held, over all supernodes",
+                            value=served.get("pieces_announced", 0))
 
 
 def start_metrics(daemon, address: str) -> NodeMetrics:

@@ -37,7 +37,8 @@ def mount(root: Path, image: str, directory: Path, *, name: str | None = None, r
           plain_http: bool = False, authfile: str | None = None, prefetch: bool = True,
           io_timeout: float = 30.0, prefetch_delay: float | None = None, record_trace: Path | None = None,
           trace_seconds: float | None = None, settings: dict | None = None,
-          read_ahead: int = DEFAULT_READ_AHEAD, supernodes: list[str] | None = None) -> dict:
+          read_ahead: int = DEFAULT_READ_AHEAD, supernodes: list[str] | None = None,
+          p2p_listen: str | None = None) -> dict:
     """Mount `image` lazily at `directory`; `settings` (cache_quota, prefetch_bandwidth) go to the daemon."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -57,6 +58,8 @@ def mount(root: Path, image: str, directory: Path, *, name: str | None = None, r
         message["config"] = settings
     if supernodes:
         message["supernodes"] = list(supernodes)
+    if p2p_listen:
+        message["p2p_listen"] = p2p_listen
     view = request(root, message)
     loop = None
     try:

@@ -11,6 +11,10 @@ What an operator asks, and the metric that answers:
 - what went wrong?                       dadi_supernode_errors_total{kind}
 - is the cache big enough?               dadi_supernode_cache_bytes, ..._cache_quota_bytes,
                                          dadi_supernode_evicted_blobs_total{reason}
+- do peers take load off it?             dadi_supernode_redirects_total{result} (result="peer": sent
+                                         to a peer), dadi_supernode_peers, ..._tracked_pieces,
+                                         dadi_supernode_announces_total{kind},
+                                         dadi_supernode_peer_reports_total{reason} (failed, corrupt)
 """
 
 from __future__ import annotations
@@ -103,6 +107,24 @@ class SupernodeMetrics:
             "dadi_supernode_cache_quota_bytes", "The piece cache's quota (0: none)", registry=r
         )
         self.prewarms = Counter("dadi_supernode_prewarms", "Prewarms, by result", ["result"], registry=r)
+        self.redirects = Counter(
+            "dadi_supernode_redirects",
+            "Blob requests by where the tracker sent them: peer (307), cold (piece not hot), no_peer (hot, "
+            "no holder with a free slot), declined (the node asked to be served here)",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.announces = Counter(
+            "dadi_supernode_announces", "Peer announces by kind: full, delta, leave, refused (banned peer)",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self.peer_reports = Counter(
+            "dadi_supernode_peer_reports", "Nodes' reports of peers that failed or sent corrupt bytes",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.peers = Gauge("dadi_supernode_peers", "Peers the tracker knows (announced, not expired)", registry=r)
+        self.tracked_pieces = Gauge(
+            "dadi_supernode_tracked_pieces", "(blob, piece) pairs at least one peer announced", registry=r
+        )
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""

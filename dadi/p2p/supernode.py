@@ -8,14 +8,15 @@ The HTTP side is a small ASGI application served by hypercorn on trio. Routes:
                                                    Authorization (access.py)
     GET      /v2/                                  200: lets registry clients probe the API
     POST     /prewarm                              fill the cache with an image (prewarm.py), JSON lines
+    POST     /p2p/announce                         a peer's pieces (peerproto.py); answers its ticket key
     GET      /healthz                              200 with the registry, cache usage and quota as JSON
     GET      /metrics                              Prometheus metrics (metrics.py)
 
 Everything else is 404. Errors are JSON {"error": "..."} with the status of dadi.p2p.errors.
 
 A blob request: access check (the registry's answer for these credentials, cached briefly) -> the peer
-redirect seam (part 2: the tracker may send the node to a peer; nothing does yet) -> the pieces the range
-spans (pieces.py: disk cache, else one registry fetch per piece for everyone) -> the response. A node
+redirect seam (peerredirect.py: for a hot piece a peer holds, a 307 to that peer with a ticket) -> the
+pieces the range spans (pieces.py: disk cache, else one registry fetch per piece for everyone) -> the response. A node
 that hangs up stops its response at once; fetches it started go on for whoever else waits on them.
 
 serve() wires it together with one AsyncExitStack (cache, registry clients, background nursery, server),
@@ -42,9 +43,12 @@ from dadi.p2p import metrics as m
 from dadi.p2p.access import AccessChecker, parse_authorization, who
 from dadi.p2p.errors import BadRequest, NotFound, RangeNotSatisfiable, SupernodeError
 from dadi.p2p.metrics import SupernodeMetrics
+from dadi.p2p.peerproto import ANNOUNCE_PATH, MAX_ANNOUNCE_BODY, Announce, parse_announce
+from dadi.p2p.peerredirect import TrackerRedirector
 from dadi.p2p.piececache import PieceCache
 from dadi.p2p.pieces import PieceService
 from dadi.p2p.prewarm import MAX_BODY, Prewarmer, parse_request
+from dadi.p2p.tracker import HOT_REQUESTS, PEER_FANOUT, HotPieces, RedirectPolicy, Tracker
 from dadi.p2p.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -79,14 +83,20 @@ class SupernodeSettings:
     deny_ttl: float = 5.0
     upstream_concurrency: int = UPSTREAM_CONCURRENCY
     disk_concurrency: int = DISK_CONCURRENCY
+    hot_requests: int | None = None  # None: dadi.p2p.tracker.HOT_REQUESTS
+    peer_fanout: int | None = None  # None: dadi.p2p.tracker.PEER_FANOUT
 
 
 class PeerRedirector(Protocol):
-    """Part 2 (the tracker): where a node should get bytes [start, end] of a blob instead of here, as an
-    absolute URL for a 307, or None to serve them. Asked after the access check, so a redirect never
-    tells an unauthorised node where a blob is."""
+    """The tracker (peerredirect.TrackerRedirector): where a node at address `client` should get bytes
+    [start, end] of a blob instead of here, as an absolute URL for a 307, or None to serve them. Asked
+    after the access check, so a redirect never tells an unauthorised node where a blob is. `headers`
+    are the request's (the node's peer port and reports, peerproto.py). `announce` records a peer's."""
 
-    async def redirect(self, repository: str, digest: str, start: int, end: int, client: str) -> str | None: ...
+    async def redirect(self, repository: str, digest: str, start: int, end: int, client: str,
+                       headers: dict[str, str]) -> str | None: ...
+
+    def announce(self, client: str, announce: Announce) -> dict: ...
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -123,6 +133,7 @@ class _Response:
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         self.started = True
+        self._count = self._count and status in (200, 206)  # blob bytes, not error or redirect bodies
         raw = [(k.lower().encode(), v.encode()) for k, v in headers]
         await self._send({"type": "http.response.start", "status": status, "headers": raw})
 
@@ -178,6 +189,10 @@ class SupernodeApp:
                 if method != "POST":
                     raise _MethodNotAllowed("POST")
                 await self._prewarm(scope, receive, response)
+            elif path == ANNOUNCE_PATH and self.redirector is not None:
+                if method != "POST":
+                    raise _MethodNotAllowed("POST")
+                await self._announce(scope, receive, response)
             elif path in ("/healthz", "/metrics", "/v2/", "/v2"):
                 if method not in ("GET", "HEAD"):
                     raise _MethodNotAllowed("GET, HEAD")
@@ -190,13 +205,7 @@ class SupernodeApp:
     # --- plumbing -----------------------------------------------------------------------------------
 
     async def _lifespan(self, receive: Callable, send: Callable) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send)
 
     async def _until_disconnect(self, receive: Callable, work: Awaitable[None]) -> None:
         """Run `work` (a response) until it ends or the client hangs up, whichever comes first."""
@@ -266,9 +275,10 @@ class SupernodeApp:
         start, end = span if span is not None else (0, size)
         if self.redirector is not None and scope["method"] == "GET" and end > start:
             client = (scope.get("client") or ("", 0))[0]
-            location = await self.redirector.redirect(repository, digest, start, end - 1, client)
+            location = await self.redirector.redirect(repository, digest, start, end - 1, client, headers)
             if location is not None:
-                await response.whole(307, b"", "application/octet-stream", [("location", location)])
+                await response.whole(307, b"", "application/octet-stream",
+                                     [("location", location), ("cache-control", "no-store")])
                 return
         status = 206 if span is not None else 200
         out = [
@@ -291,22 +301,27 @@ class SupernodeApp:
         await response.body(b"", more=False)
         log.debug("%s %s@%s bytes %d-%d for %s", scope["method"], repository, digest, start, end - 1, who(creds))
 
+    # --- peers --------------------------------------------------------------------------------------
+
+    async def _announce(self, scope: dict, receive: Callable, response: _Response) -> None:
+        body = await _read_body(receive, MAX_ANNOUNCE_BODY, "announce")
+        if body is None:
+            return
+        client = (scope.get("client") or ("", 0))[0]
+        if not client:
+            raise BadRequest("announce: the connection has no peer address (a unix socket?)")
+        answer = self.redirector.announce(client, parse_announce(body))
+        await response.whole(200, _json(answer), "application/json", [("cache-control", "no-store")])
+
     # --- prewarm ------------------------------------------------------------------------------------
 
     async def _prewarm(self, scope: dict, receive: Callable, response: _Response) -> None:
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > MAX_BODY:
-                raise BadRequest(f"prewarm: request body larger than {MAX_BODY} bytes")
-            if not message.get("more_body", False):
-                break
+        body = await _read_body(receive, MAX_BODY, "prewarm")
+        if body is None:
+            return
         headers = _headers(scope)
         creds = parse_authorization(headers.get("authorization"))
-        request = parse_request(bytes(body), self.settings.registry)
+        request = parse_request(body, self.settings.registry)
 
         async def run() -> None:
             try:
@@ -331,6 +346,31 @@ class _MethodNotAllowed(SupernodeError):
     def __init__(self, allow: str):
         super().__init__(f"method not allowed here; allowed: {allow}")
         self.allow = allow
+
+
+async def lifespan(receive: Callable, send: Callable) -> None:
+    """Answer an ASGI server's lifespan messages (nothing to set up or tear down here)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _read_body(receive: Callable, limit: int, what: str) -> bytes | None:
+    """A request's whole body (BadRequest past `limit` bytes); None when the client hung up."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise BadRequest(f"{what}: request body larger than {limit} bytes")
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 def _headers(scope: dict) -> dict[str, str]:
@@ -384,7 +424,11 @@ async def serve(
             access = AccessChecker(
                 upstream, metrics, nursery, upstream_limiter, allow_ttl=settings.allow_ttl, deny_ttl=settings.deny_ttl
             )
-            app = SupernodeApp(settings, service, access, Prewarmer(service, upstream, metrics, upstream_limiter), metrics)
+            redirector = TrackerRedirector(metrics, policy=RedirectPolicy(
+                Tracker(fanout=settings.peer_fanout or PEER_FANOUT),
+                HotPieces(threshold=settings.hot_requests or HOT_REQUESTS)))
+            app = SupernodeApp(settings, service, access, Prewarmer(service, upstream, metrics, upstream_limiter), metrics,
+                               redirector)
 
             config = hypercorn.config.Config()
             config.bind = [settings.listen]

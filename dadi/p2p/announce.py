@@ -1,0 +1,150 @@
+"""A peer's announces to its supernodes: which pieces of which blobs this node can serve.
+
+Every CHECK_INTERVAL seconds the announcer looks at the blobs of the views (cheap: a blob whose chunk
+count and verification did not change is not looked at again), works out the pieces each can serve
+whole (peer.held_pieces) and sends each supernode what changed since its last announce: pieces gained
+(on completion of a piece, so within CHECK_INTERVAL) and pieces lost (a view unmounted, a blob evicted,
+a chunk that failed its xxh3). Every ANNOUNCE_INTERVAL seconds, after a failure, and whenever a
+supernode hands out a new ticket key (it restarted, and forgot us), the announce is full instead. At
+shutdown the node says it leaves. Requests run in worker threads; a supernode that does not answer costs
+a log line and a full announce next time, never a read.
+
+The supernode's answers carry the ticket keys the peer server checks (peerproto.py): `keys()`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+import trio
+
+from dadi.p2p.peer import held_pieces
+from dadi.p2p.peerproto import ANNOUNCE_PATH, Announce
+from dadi.p2p.tracker import ANNOUNCE_INTERVAL
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 0.1  # seconds between looks for completed pieces: the delay before others can use one
+REQUEST_TIMEOUT = 5.0
+
+
+@dataclass
+class AnnounceStats:
+    announces: int = 0
+    failures: int = 0
+    pieces: int = 0  # pieces announced as held right now, summed over supernodes
+
+
+@dataclass
+class _Target:
+    sent: dict[str, set[int]]  # what the supernode was last told we hold
+    last_full: float = -1e18
+    key: bytes | None = None
+    failed: bool = True  # the next announce is full
+
+
+class Announcer:
+    """`blobs()` gives, per supernode URL, the LayerBlobs (dadi.node.view) of the views that use it."""
+
+    def __init__(self, port: int, blobs: Callable[[], dict[str, list[Any]]], *,
+                 session: requests.Session | None = None):
+        self.port = port
+        self.blobs = blobs
+        self.stats = AnnounceStats()
+        self._session = session or requests.Session()
+        self._targets: dict[str, _Target] = {}
+        self._held: dict[str, tuple[tuple[int, bool], set[int]]] = {}  # digest -> (state, pieces)
+
+    def keys(self) -> list[bytes]:
+        return [t.key for t in self._targets.values() if t.key is not None]
+
+    async def run(self) -> None:
+        while True:
+            await self.announce_once()
+            await trio.sleep(CHECK_INTERVAL)
+
+    async def announce_once(self) -> None:
+        wanted = self.blobs()
+        now = trio.current_time()
+        for url in list(self._targets):
+            if url not in wanted:  # no view uses this supernode any more: tell it we hold nothing
+                wanted[url] = []
+        held_by_url = {}
+        for url, layers in wanted.items():
+            held_by_url[url] = {layer.digest: await self._pieces(layer) for layer in layers}
+        for url, held in held_by_url.items():
+            target = self._targets.setdefault(url, _Target(sent={}))
+            full = target.failed or now - target.last_full >= ANNOUNCE_INTERVAL
+            add = {d: sorted(p - target.sent.get(d, set())) for d, p in held.items()}
+            withdraw = {d: sorted(p - held.get(d, set())) for d, p in target.sent.items()}
+            add = {d: p for d, p in add.items() if p}
+            withdraw = {d: p for d, p in withdraw.items() if p}
+            if full:
+                message = Announce(self.port, {d: sorted(p) for d, p in held.items() if p}, {}, full=True)
+            elif add or withdraw:
+                message = Announce(self.port, add, withdraw)
+            else:
+                continue
+            if await self._send(url, target, message):
+                target.sent = {d: set(p) for d, p in held.items() if p}
+                if full:
+                    target.last_full = now
+        for url in [u for u, layers in wanted.items() if not layers and not self._targets[u].sent]:
+            del self._targets[url]
+        self.stats.pieces = sum(len(p) for t in self._targets.values() for p in t.sent.values())
+        live = {layer.digest for layers in wanted.values() for layer in layers}
+        for digest in [d for d in self._held if d not in live]:
+            del self._held[digest]
+
+    async def _pieces(self, layer: Any) -> set[int]:
+        state = (layer.cache.present_count, layer.cache.verified)
+        cached = self._held.get(layer.digest)
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        pieces = await trio.to_thread.run_sync(held_pieces, layer)
+        self._held[layer.digest] = (state, pieces)
+        return pieces
+
+    async def _send(self, url: str, target: _Target, message: Announce) -> bool:
+        try:
+            answer = await trio.to_thread.run_sync(self._post, url, message.to_json(), abandon_on_cancel=True)
+        except (requests.RequestException, ValueError, KeyError) as e:
+            self.stats.failures += 1
+            if not target.failed:
+                log.warning("announce to supernode %s failed: %s (trying again, in full)", url, e)
+            target.failed = True
+            return False
+        key = bytes.fromhex(answer["key"])
+        if target.key is not None and key != target.key and not message.full:
+            # A new key: the supernode restarted and knows nothing about us. Tell it everything now.
+            target.key = key
+            target.failed = True
+            return False
+        if target.failed:
+            log.info("announcing to supernode %s as %s", url, answer.get("peer"))
+        target.key = key
+        target.failed = False
+        self.stats.announces += 1
+        return True
+
+    def _post(self, url: str, body: bytes) -> dict:
+        resp = self._session.post(url.rstrip("/") + ANNOUNCE_PATH, data=body, timeout=REQUEST_TIMEOUT,
+                                  headers={"Content-Type": "application/json"})
+        if resp.status_code != 200:
+            raise requests.RequestException(f"HTTP {resp.status_code}: {resp.text.strip()[:200]}")
+        return resp.json()
+
+    async def leave(self) -> None:
+        """Tell every supernode we stop serving (best effort, a second at most)."""
+        with trio.move_on_after(1.0) as scope:
+            scope.shield = True
+            for url in list(self._targets):
+                try:
+                    await trio.to_thread.run_sync(self._post, url, Announce(self.port, {}, {}, leave=True).to_json(),
+                                                  abandon_on_cancel=True)
+                except (requests.RequestException, ValueError):
+                    pass

@@ -1,0 +1,247 @@
+"""The supernode's tracker: which peers hold which pieces of which blobs, and which peer (if any) a request
+for a hot piece is redirected to. Pure policy: no I/O, no clock, no global randomness.
+
+Every method takes `now` (seconds on any monotonic clock) and choices take a `random.Random`, so the same
+classes and constants drive the supernode (dadi/p2p/supernode.py feeds them from HTTP) and a simulation
+(tools/sim imports them) and give the same answers for the same inputs.
+
+The policy, and why:
+
+- **Pieces** are the supernode's 1 MiB pieces (PIECE_SIZE, aligned to blob offset 0). A peer announces
+  a piece once it can serve every byte of it (dadi/p2p/peer.py decides that from its chunk cache).
+- **Hot** (HotPieces): a piece asked for HOT_REQUESTS times within HOT_WINDOW seconds. A cold piece is
+  served by the supernode: one node asking costs the supernode one piece either way, and a redirect
+  costs the node an extra round trip. When many nodes start the same image, each piece is asked for by
+  all of them within seconds; from the second request on the peers take over.
+- **Fan-out** (Tracker.choose): each peer gets at most PEER_FANOUT redirects at a time. The supernode
+  does not see a peer's upload end, so a redirect holds a slot for the time the upload should take
+  (`lease_seconds`: the range at PEER_UPLOAD_RATE, at least MIN_LEASE). A peer with no free slot is
+  passed over; when no holder has one, the supernode serves the piece itself. So every source feeds a
+  bounded number of nodes at once, and the nodes it fed become sources for the next ones: the load
+  spreads as a tree whose width grows with every round, instead of a star on the first holder.
+- **Choice**: among the live holders of every piece the range spans with a free slot, the least loaded
+  (fewest slots taken); ties broken by the Random passed in, so load spreads over equals.
+- **Liveness**: an announce is valid for ANNOUNCE_TTL seconds (peers re-announce every
+  ANNOUNCE_INTERVAL, so two lost announces are forgiven); a peer that stopped announcing expires with
+  all its pieces. A node that was redirected and found the peer failing reports it: the peer is passed
+  over for PEER_FAILURE_COOLDOWN seconds. A peer reported for sending bytes that failed their sha256
+  loses every piece it announced and is refused for PEER_CORRUPT_BAN seconds.
+- **Never to itself**: a requester is never redirected to its own peer address.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from dadi.p2p.piececache import PIECE_SIZE, pieces_spanning
+
+HOT_WINDOW = 10.0  # seconds over which requests for a piece are counted
+HOT_REQUESTS = 2  # requests within HOT_WINDOW that make a piece hot (the 2nd requester may get a peer)
+PEER_FANOUT = 4  # redirects one peer may be serving at once (and a peer's own upload limit by default)
+PEER_UPLOAD_RATE = 50e6  # bytes/s one upload is assumed to get: how long a redirect holds a slot
+MIN_LEASE = 0.05  # seconds: the least a redirect holds a slot (connection setup, a round trip)
+ANNOUNCE_INTERVAL = 10.0  # seconds between a peer's full announces (changes go out at once, batched)
+ANNOUNCE_TTL = 3 * ANNOUNCE_INTERVAL  # an announce not renewed within this expires with its pieces
+PEER_FAILURE_COOLDOWN = 15.0  # seconds a peer reported unreachable (error, timeout, busy) is passed over
+PEER_CORRUPT_BAN = 600.0  # seconds a peer reported for corrupt bytes is refused (and its pieces dropped)
+MAX_HOT_KEYS = 1 << 16  # pieces whose recent requests are remembered: a bound on the tracker's memory
+
+FAILED, CORRUPT = "failed", "corrupt"  # what a node reports about a peer
+
+
+def lease_seconds(nbytes: int) -> float:
+    """How long a redirect of `nbytes` holds one of the peer's PEER_FANOUT slots."""
+    return max(MIN_LEASE, nbytes / PEER_UPLOAD_RATE)
+
+
+class HotPieces:
+    """Recent requests per piece: `record` counts one and says how many fell within the window."""
+
+    def __init__(self, window: float = HOT_WINDOW, threshold: int = HOT_REQUESTS, max_keys: int = MAX_HOT_KEYS):
+        self.window = window
+        self.threshold = threshold
+        self.max_keys = max_keys
+        self._times: dict[tuple[str, int], deque[float]] = {}
+
+    def record(self, digest: str, piece: int, now: float) -> int:
+        times = self._times.get((digest, piece))
+        if times is None:
+            if len(self._times) >= self.max_keys:
+                self._prune(now)
+            times = self._times[(digest, piece)] = deque()
+        times.append(now)
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        return len(times)
+
+    def is_hot(self, count: int) -> bool:
+        return count >= self.threshold
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, t in self._times.items() if not t or t[-1] <= now - self.window]:
+            del self._times[key]
+        while len(self._times) >= self.max_keys:  # all recent: forget the oldest-inserted
+            del self._times[next(iter(self._times))]
+
+
+@dataclass
+class PeerState:
+    """What the tracker knows about one peer (its URL is the key in Tracker.peers)."""
+
+    expires: float  # announce valid until
+    pieces: dict[str, set[int]] = field(default_factory=dict)  # digest -> pieces it can serve whole
+    leases: list[float] = field(default_factory=list)  # end times of the redirects it is serving
+    down_until: float = 0.0  # reported failing: passed over until then
+    banned_until: float = 0.0  # reported corrupt: refused (announces ignored) until then
+
+    def load(self, now: float) -> int:
+        self.leases = [end for end in self.leases if end > now]
+        return len(self.leases)
+
+
+class Tracker:
+    """Peers, the pieces each can serve, and the choice of a peer for a range (see the module docstring)."""
+
+    def __init__(self, *, fanout: int = PEER_FANOUT, ttl: float = ANNOUNCE_TTL,
+                 failure_cooldown: float = PEER_FAILURE_COOLDOWN, corrupt_ban: float = PEER_CORRUPT_BAN):
+        self.fanout = fanout
+        self.ttl = ttl
+        self.failure_cooldown = failure_cooldown
+        self.corrupt_ban = corrupt_ban
+        self.peers: dict[str, PeerState] = {}
+        self._holders: dict[tuple[str, int], set[str]] = {}  # (digest, piece) -> peers
+
+    # --- what peers say ------------------------------------------------------------------------------
+
+    def announce(self, peer: str, now: float, *, add: dict[str, Iterable[int]] | None = None,
+                 withdraw: dict[str, Iterable[int]] | None = None, full: bool = False) -> bool:
+        """Record a peer's announce: pieces it can now serve (`add`), pieces it no longer can
+        (`withdraw`); `full` replaces everything it announced before by `add`. Renews its TTL. False
+        (and nothing recorded) while the peer is banned for corrupt bytes."""
+        state = self.peers.get(peer)
+        if state is not None and state.banned_until > now:
+            return False
+        if state is None:
+            state = self.peers[peer] = PeerState(expires=now + self.ttl)
+        state.expires = now + self.ttl
+        if full:
+            self._drop_pieces(peer, state)
+        for digest, pieces in (withdraw or {}).items():
+            held = state.pieces.get(digest)
+            for piece in pieces:
+                if held is not None:
+                    held.discard(piece)
+                self._unhold(digest, piece, peer)
+            if held is not None and not held:
+                del state.pieces[digest]
+        for digest, pieces in (add or {}).items():
+            held = state.pieces.setdefault(digest, set())
+            for piece in pieces:
+                held.add(piece)
+                self._holders.setdefault((digest, piece), set()).add(peer)
+        return True
+
+    def leave(self, peer: str) -> None:
+        """The peer stops serving (a daemon shutting down): forget it and its pieces."""
+        state = self.peers.pop(peer, None)
+        if state is not None:
+            self._drop_pieces(peer, state)
+
+    def report(self, peer: str, reason: str, now: float) -> None:
+        """A node found `peer` failing (FAILED) or sending bytes that failed sha256 (CORRUPT)."""
+        state = self.peers.get(peer)
+        if state is None:
+            if reason != CORRUPT:
+                return
+            state = self.peers[peer] = PeerState(expires=now)
+        if reason == CORRUPT:
+            state.banned_until = now + self.corrupt_ban
+            self._drop_pieces(peer, state)
+            state.expires = max(state.expires, state.banned_until)  # kept so that the ban is remembered
+        else:
+            state.down_until = now + self.failure_cooldown
+
+    def expire(self, now: float) -> list[str]:
+        """Forget peers whose announce ran out (and whose ban, if any, is over); their URLs."""
+        gone = [peer for peer, state in self.peers.items() if state.expires <= now]
+        for peer in gone:
+            self.leave(peer)
+        return gone
+
+    # --- where a range goes --------------------------------------------------------------------------
+
+    def holders(self, digest: str, pieces: range, now: float) -> list[str]:
+        """Live peers, not banned or cooling down, that announced every piece of `pieces`."""
+        found: set[str] | None = None
+        for piece in pieces:
+            peers = self._holders.get((digest, piece), set())
+            found = set(peers) if found is None else found & peers
+            if not found:
+                return []
+        return sorted(
+            p for p in found or ()
+            if (s := self.peers.get(p)) is not None and s.expires > now and s.down_until <= now
+            and s.banned_until <= now
+        )  # fmt: skip
+
+    def choose(self, digest: str, start: int, end: int, now: float, rng: random.Random, *,
+               exclude: str | None = None, piece_size: int = PIECE_SIZE) -> str | None:
+        """A peer for blob bytes [start, end) (end exclusive), holding a fan-out slot for it; None when
+        no live holder has a free slot."""
+        candidates = []
+        for peer in self.holders(digest, pieces_spanning(start, end, piece_size), now):
+            if peer == exclude:
+                continue
+            load = self.peers[peer].load(now)
+            if load < self.fanout:
+                candidates.append((load, peer))
+        if not candidates:
+            return None
+        least = min(load for load, _ in candidates)
+        peer = rng.choice([p for load, p in candidates if load == least])
+        self.peers[peer].leases.append(now + lease_seconds(end - start))
+        return peer
+
+    def piece_count(self) -> int:
+        """(digest, piece) pairs some peer announced."""
+        return len(self._holders)
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _unhold(self, digest: str, piece: int, peer: str) -> None:
+        peers = self._holders.get((digest, piece))
+        if peers is not None:
+            peers.discard(peer)
+            if not peers:
+                del self._holders[(digest, piece)]
+
+    def _drop_pieces(self, peer: str, state: PeerState) -> None:
+        for digest, pieces in state.pieces.items():
+            for piece in pieces:
+                self._unhold(digest, piece, peer)
+        state.pieces = {}
+
+
+@dataclass(frozen=True)
+class Decision:
+    peer: str | None  # where to redirect, or None: the supernode serves
+    reason: str  # "peer", "cold" (not hot), "no_peer" (hot, but no holder with a free slot)
+
+
+class RedirectPolicy:
+    """Hotness + tracker: where a node's request for blob bytes [start, end) should go."""
+
+    def __init__(self, tracker: Tracker | None = None, hot: HotPieces | None = None):
+        self.tracker = tracker or Tracker()
+        self.hot = hot or HotPieces()
+
+    def decide(self, digest: str, start: int, end: int, now: float, rng: random.Random, *,
+               requester: str | None = None, piece_size: int = PIECE_SIZE) -> Decision:
+        counts = [self.hot.record(digest, piece, now) for piece in pieces_spanning(start, end, piece_size)]
+        if not self.hot.is_hot(min(counts)):
+            return Decision(None, "cold")
+        peer = self.tracker.choose(digest, start, end, now, rng, exclude=requester, piece_size=piece_size)
+        return Decision(peer, "peer" if peer is not None else "no_peer")

@@ -1,0 +1,301 @@
+"""P2P in a data centre on one machine: a real docker-registry (htpasswd auth), a real `dadi supernode`
+and real node daemons (FUSE, loop, ext4), each in a network namespace of its own, joined by veths to a
+bridge; the registry's uplink shaped with tbf (tests/netns_helpers.py). The registry's egress is read
+from its interface's counters, as an operator would.
+
+Only the lying peer is a fake (tests/lying_peer.py): the real peer server re-checks what it serves and
+cannot be made to lie. Every process is stopped by its pid and every mount removed, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, dadi_cli, pseudo_random
+from mounthelpers import cleanup_node, record_mount
+from netns_helpers import PEER_PORT, SUPERNODE_PORT, Topology, build_p2p_image, netns_cmd
+from registry_server import RegistryServer
+from test_supernode import Supernode, disk_usage
+
+pytestmark = pytest.mark.needs_root
+
+FILES = 8  # files of the image, 1 MiB each, incompressible: an image of ~8 MiB
+FILE_SIZE = 1 << 20
+MiB = 1 << 20
+DADI = str(REPO / ".venv" / "bin" / "dadi")
+PREFETCH_DEADLINE = 180  # seconds `dadi stats --wait-prefetch` waits: 8 daemons share 2 cores
+USER, PASSWORD = "alice", "secret"
+
+
+@pytest.fixture(scope="module")
+def dc(tmp_path_factory):
+    """The topology, the registry (auth on) and the image pushed to it, for the whole module."""
+    tmp = tmp_path_factory.mktemp("p2p-dc")
+    with Topology(prefix="dp2pt", nodes=8, subnet=232) as net, \
+            RegistryServer(tmp / "registry", users={USER: PASSWORD}, netns=net.registry_ns,
+                           address=net.registry_ip) as registry:
+        authfile = registry.write_authfile(tmp / "auth.json")
+        layout, tag = build_p2p_image(tmp / "layout", files=FILES, size=FILE_SIZE)
+        ref = f"docker://{net.registry}/p2p/app:v1"
+        dadi_cli("convert", f"oci:{layout}:{tag}", ref, "--plain-http", "--authfile", str(authfile),
+                 "--cache-dir", str(tmp / "convert-cache"), "-q")
+        yield net, registry, authfile, ref
+
+
+class NetnsSupernode(Supernode):
+    """`dadi supernode` in the topology's supernode namespace (tests/test_supernode.Supernode otherwise)."""
+
+    def __init__(self, tmp_path: Path, net: Topology, cache_dir: Path, *args: str):
+        super().__init__(tmp_path, net.registry, cache_dir, *args)
+        self.cmd = netns_cmd(net.supernode_ns, [
+            DADI, "supernode", "--listen", f"{net.supernode_ip}:{SUPERNODE_PORT}", "--registry", net.registry,
+            "--plain-http", "--cache-dir", str(cache_dir), *args])
+
+
+class Node:
+    """A node daemon (root of its own) in node namespace `index`, serving peers on its address."""
+
+    def __init__(self, tmp_path: Path, net: Topology, index: int):
+        self.net, self.index = net, index
+        self.root = tmp_path / f"node{index}"
+        self.mnt = tmp_path / f"mnt{index}"
+        self.scope = tmp_path
+        self.netns = net.node_ns[index]
+
+    def mount(self, ref: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        argv = netns_cmd(self.netns, [DADI, "mount", ref, str(self.mnt), "--root", str(self.root), "--json",
+                                      "--plain-http", *extra])
+        result = subprocess.run(argv, capture_output=True, text=True, env=_clean_env(self.scope))
+        if check:
+            assert result.returncode == 0, f"node {self.index}: dadi mount failed:\n{result.stderr}"
+            record_mount(self.root, json.loads(result.stdout))
+        return result
+
+    def p2p_args(self, authfile: Path | None) -> list[str]:
+        args = ["--supernode", self.net.supernode_url, "--p2p-listen", f"{self.net.node_ip[self.index]}:{PEER_PORT}"]
+        return args + (["--authfile", str(authfile)] if authfile else [])
+
+    def read_all(self, files=range(FILES)) -> None:
+        for i in files:
+            data = (self.mnt / "data" / f"f{i}").read_bytes()
+            assert data == pseudo_random(f"p2p:{i}", FILE_SIZE), f"node {self.index}: /data/f{i} differs"
+
+    def stats(self, *extra: str) -> dict:
+        return json.loads(dadi_cli("stats", str(self.mnt), "--root", str(self.root), "--json", *extra).stdout)
+
+    def wait_prefetch(self) -> dict:
+        stats = self.stats("--wait-prefetch", str(PREFETCH_DEADLINE))
+        assert stats["prefetch_state"] == "done", f"node {self.index}: prefetch not done: {stats}"
+        return stats
+
+    def cleanup(self) -> None:
+        cleanup_node(self.root, self.mnt)
+
+
+def _clean_env(tmp_path: Path) -> dict[str, str]:
+    from test_supernode import clean_env
+
+    return clean_env(tmp_path)
+
+
+def _in_parallel(work, items) -> None:
+    """work(item) for every item at once, in threads; the first failure is raised."""
+    errors: list[BaseException] = []
+
+    def run(item):
+        try:
+            work(item)
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(item,)) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def test_eight_nodes_start_at_once_registry_sends_the_image_about_once_and_peers_carry_bytes(dc, tmp_path):
+    net, registry, authfile, ref = dc
+    nodes = [Node(tmp_path, net, i) for i in range(8)]
+    with NetnsSupernode(tmp_path, net, tmp_path / "sn-cache") as supernode:
+        try:
+            before = net.tx_bytes(net.registry_ns)
+
+            def start(node: Node) -> None:
+                node.mount(ref, *node.p2p_args(authfile))
+                node.read_all()
+                node.wait_prefetch()
+
+            _in_parallel(start, nodes)
+            egress = net.tx_bytes(net.registry_ns) - before
+            stats = [node.stats() for node in nodes]
+            image = stats[0]["bytes_total"]  # what one node needed: every layer blob, whole
+            sent = supernode.metric("dadi_supernode_sent_bytes_total")
+            peer_received = sum(s["peers"]["received_bytes"] for s in stats)
+            peer_served = sum(s["peers"]["served"]["sent_bytes"] for s in stats)
+            print(f"image {image} B, registry egress {egress} B ({egress / image:.2f}x), supernode sent {sent:.0f} "
+                  f"B ({sent / image:.2f}x), peers carried {peer_received} B")
+        finally:
+            for node in nodes:
+                node.cleanup()
+    # Slack: each node fetches the manifest, config and layer tables from the registry itself (a few KiB
+    # each), the supernode checks each node's credentials there, and headers and TCP/IP framing add ~5%.
+    assert egress <= 1.3 * image + 1 * MiB, f"registry egress {egress} B for a {image} B image"
+    assert all(s["read_errors"] == 0 and s["corrupt_chunks"] == 0 for s in stats)
+    assert peer_received > 0 and peer_served > 0, "peers carried nothing"
+    assert sent + peer_received >= 8 * image * 0.9  # every node got its bytes from one or the other
+    assert sent < 8 * image, "the supernode sent every node everything: peers took no load off it"
+
+
+def test_nodes_finish_through_the_registry_when_the_supernode_dies_mid_start(dc, tmp_path):
+    net, registry, authfile, ref = dc
+    nodes = [Node(tmp_path, net, i) for i in range(3)]
+    supernode = NetnsSupernode(tmp_path, net, tmp_path / "sn-cache").start()
+    try:
+        _in_parallel(lambda n: n.mount(ref, *n.p2p_args(authfile), "--no-prefetch", "--io-timeout", "60"), nodes)
+        _in_parallel(lambda n: n.read_all([0]), nodes)  # the start has begun, through the supernode
+        assert supernode.metric("dadi_supernode_sent_bytes_total") > 0
+        supernode.stop(signal.SIGKILL)
+        _in_parallel(lambda n: n.read_all(), nodes)
+        stats = [node.stats() for node in nodes]
+    finally:
+        supernode.stop(signal.SIGKILL)
+        for node in nodes:
+            node.cleanup()
+    for s in stats:
+        assert s["sources"].get("supernode", 0) > 0 and s["sources"].get("registry", 0) > 0
+        assert s["read_errors"] == 0
+
+
+def test_corrupt_peers_are_caught_and_no_bad_byte_reaches_a_reader_and_the_cache_keeps_its_quota(dc, tmp_path):
+    net, registry, authfile, ref = dc
+    quota = 4 * MiB  # half the image
+    a, b, c = (Node(tmp_path, net, i) for i in range(3))
+    liar_process = None
+    # Every piece is hot from its first request: a single node asking is redirected to a holder.
+    with NetnsSupernode(tmp_path, net, tmp_path / "sn-cache", "--cache-quota", str(quota),
+                        "--p2p-hot-requests", "1") as supernode:
+        try:
+            a.mount(ref, *a.p2p_args(authfile))
+            a.read_all()
+            held = a.wait_prefetch()
+            digest = _layer_digest(a)
+            _wait(lambda: a.stats()["peers"]["served"]["pieces_announced"] >= held["bytes_total"] // MiB,
+                  "node 0 announced every piece")
+            # Peer A's disk rots after verification: a byte in the middle of every MiB of its cached blob.
+            data_file = a.root / "cache" / "blobs" / digest.split(":")[1] / "data"
+            with open(data_file, "r+b") as f:
+                for offset in range(MiB // 2, held["bytes_total"], MiB):
+                    f.seek(offset)
+                    byte = f.read(1)
+                    f.seek(offset)
+                    f.write(bytes([byte[0] ^ 0xFF]))
+            b.mount(ref, *b.p2p_args(authfile), "--no-prefetch")
+            b.read_all()
+            stats_a, stats_b = a.stats(), b.stats()
+            # A re-checked what it was about to serve, refused it (404) and counted it; B went back to the
+            # supernode for those pieces and read the right bytes.
+            assert stats_b["peers"]["redirects"] > 0 and stats_b["peers"]["failures"] > 0
+            assert stats_a["corrupt_chunks"] > 0 and stats_a["peers"]["served"]["not_held"] > 0
+            assert stats_b["corrupt_chunks"] == 0 and stats_b["read_errors"] == 0
+            a.cleanup()
+            b.cleanup()  # only the liar holds the blob now
+
+            liar_log = tmp_path / "liar.log"
+            with liar_log.open("wb") as log:
+                liar_process = subprocess.Popen(
+                    netns_cmd(net.node_ns[7], [sys.executable, str(REPO / "tests" / "lying_peer.py"),
+                                               net.supernode_url, str(PEER_PORT), digest, "16"]),
+                    stdout=log, stderr=log)
+            _wait(lambda: "announced" in liar_log.read_text(), "the lying peer announced")
+            c.mount(ref, *c.p2p_args(authfile), "--no-prefetch")
+            c.read_all()  # every byte right, though the liar was asked first
+            stats_c = c.stats()
+            assert re.search(r"served \d+", liar_log.read_text()), "the liar was never asked"
+            assert stats_c["peers"]["corrupt_chunks"] > 0 and stats_c["read_errors"] == 0
+            _wait(lambda: supernode.metric("dadi_supernode_peer_reports_total", reason="corrupt") > 0,
+                  "node 2 reported the liar to the supernode")
+            usage = disk_usage(tmp_path / "sn-cache")
+        finally:
+            if liar_process is not None:
+                liar_process.kill()
+                liar_process.wait()
+            for node in (a, b, c):
+                node.cleanup()
+    assert usage <= quota, f"supernode cache takes {usage} B, quota {quota} B"
+
+
+def test_a_node_without_credentials_gets_nothing_from_the_supernode_or_from_peers(dc, tmp_path):
+    net, registry, authfile, ref = dc
+    holder, stranger = Node(tmp_path, net, 0), Node(tmp_path, net, 1)
+    with NetnsSupernode(tmp_path, net, tmp_path / "sn-cache", "--p2p-hot-requests", "1") as supernode:
+        try:
+            holder.mount(ref, *holder.p2p_args(authfile))
+            holder.read_all()
+            holder.wait_prefetch()
+            digest = _layer_digest(holder)
+            _wait(lambda: supernode.metric("dadi_supernode_tracked_pieces") > 0, "the holder announced")
+            sent_before = supernode.metric("dadi_supernode_sent_bytes_total")
+            failed = stranger.mount(ref, *stranger.p2p_args(None), check=False)
+            assert failed.returncode != 0 and "401" in failed.stderr, failed.stderr
+            # Asking directly, as a node would, from the stranger's namespace: no bytes and no redirect.
+            url = f"/v2/p2p/app/blobs/{digest}"
+            for base in (net.supernode_url, f"http://{net.node_ip[0]}:{PEER_PORT}"):
+                answer = _get_from(stranger.netns, base + url)
+                assert answer["status"] in (401, 403) and answer["location"] == "" and answer["error_body"], answer
+            assert supernode.metric("dadi_supernode_sent_bytes_total") == sent_before
+            assert holder.stats()["peers"]["served"]["forbidden"] >= 1
+        finally:
+            holder.cleanup()
+            stranger.cleanup()
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def _layer_digest(node: Node) -> str:
+    from dadi.node.control import request
+
+    cached = request(node.root, {"op": "cache"})["blobs"]
+    assert len(cached) == 1, cached  # the image has one layer
+    return cached[0]["digest"]
+
+
+_GET = """
+import json, sys, requests
+r = requests.get(sys.argv[1], headers={"Range": "bytes=0-1048575"}, allow_redirects=False, timeout=30)
+try:
+    error = "error" in r.json()
+except ValueError:
+    error = False
+print(json.dumps({"status": r.status_code, "error_body": error, "location": r.headers.get("location", "")}))
+"""
+
+
+def _get_from(netns: str, url: str) -> dict:
+    """A range GET of `url` from inside `netns`, without credentials: status, whether the body is a JSON
+    error (not blob bytes), Location."""
+    out = subprocess.run(netns_cmd(netns, [sys.executable, "-c", _GET, url]), capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def _wait(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.1)  # a poll interval
+

@@ -1,0 +1,165 @@
+"""The tracker's policy (dadi/p2p/tracker.py) and the P2P wire protocol (dadi/p2p/peerproto.py): pure
+functions, no network. What a node would notice: whether it is sent to a peer, to which, and when not."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from dadi.p2p.errors import BadRequest
+from dadi.p2p.peerproto import (
+    Announce,
+    check_ticket,
+    format_reports,
+    make_ticket,
+    parse_announce,
+    parse_reports,
+    peer_key,
+)
+from dadi.p2p.tracker import (
+    CORRUPT,
+    FAILED,
+    HOT_REQUESTS,
+    HOT_WINDOW,
+    PEER_FANOUT,
+    HotPieces,
+    RedirectPolicy,
+    Tracker,
+    lease_seconds,
+)
+
+MiB = 1 << 20
+D = "sha256:" + "ab" * 32
+
+
+def test_a_piece_is_hot_only_after_several_requests_within_the_window():
+    hot = HotPieces()
+    counts = [hot.record(D, 0, now=1.0 + i * 0.1) for i in range(HOT_REQUESTS)]
+    assert not hot.is_hot(counts[0]) and hot.is_hot(counts[-1])
+    assert not hot.is_hot(hot.record(D, 0, now=1.0 + 2 * HOT_WINDOW))  # old requests no longer count
+    assert not hot.is_hot(hot.record(D, 1, now=1.0))  # per piece
+
+
+def test_hot_pieces_memory_is_bounded():
+    hot = HotPieces(max_keys=100)
+    for piece in range(1000):
+        hot.record(D, piece, now=float(piece))
+    assert len(hot._times) <= 100
+
+
+def test_cold_pieces_are_served_by_the_supernode_hot_ones_go_to_a_holder():
+    policy = RedirectPolicy()
+    policy.tracker.announce("http://p1:1", 0.0, add={D: [0, 1]})
+    rng = random.Random(1)
+    first = policy.decide(D, 0, MiB, 1.0, rng)
+    assert first.peer is None and first.reason == "cold"
+    second = policy.decide(D, 100, 200, 1.1, rng)
+    assert second.peer == "http://p1:1"
+    # A range spanning a piece the peer does not hold is not sent there.
+    policy.decide(D, 2 * MiB - 10, 2 * MiB + 10, 1.2, rng)
+    assert policy.decide(D, 2 * MiB - 10, 2 * MiB + 10, 1.3, rng).reason == "no_peer"
+
+
+def test_fanout_per_peer_is_bounded_and_load_spreads_over_holders():
+    tracker = Tracker(fanout=2)
+    rng = random.Random(7)
+    for peer in ("http://a:1", "http://b:1"):
+        tracker.announce(peer, 0.0, add={D: [0]})
+    chosen = [tracker.choose(D, 0, MiB, 1.0, rng) for _ in range(5)]
+    assert sorted(chosen[:4]) == ["http://a:1", "http://a:1", "http://b:1", "http://b:1"]  # least loaded first
+    assert chosen[4] is None  # every slot taken: the supernode serves
+    later = 1.0 + lease_seconds(MiB) + 0.001  # the uploads should be over: slots free again
+    assert tracker.choose(D, 0, MiB, later, rng) is not None
+
+
+def test_a_tree_grows_new_holders_take_load():
+    tracker = Tracker(fanout=PEER_FANOUT)
+    rng = random.Random(3)
+    tracker.announce("http://seed:1", 0.0, add={D: [0]})
+    round1 = [tracker.choose(D, 0, MiB, 1.0, rng) for _ in range(PEER_FANOUT + 1)]
+    assert round1.count("http://seed:1") == PEER_FANOUT and round1[-1] is None
+    for n in range(PEER_FANOUT):  # the nodes it fed announce the piece
+        tracker.announce(f"http://n{n}:1", 1.01, add={D: [0]})
+    round2 = [tracker.choose(D, 0, MiB, 1.02, rng) for _ in range(PEER_FANOUT * PEER_FANOUT)]
+    assert None not in round2 and "http://seed:1" not in round2
+
+
+def test_choice_is_deterministic_given_the_random_generator():
+    def run(seed):
+        tracker = Tracker(fanout=100)
+        for i in range(10):
+            tracker.announce(f"http://p{i}:1", 0.0, add={D: [0]})
+        rng = random.Random(seed)
+        return [tracker.choose(D, 0, 10, 1.0, rng) for _ in range(30)]
+
+    assert run(5) == run(5)
+    assert len(set(run(5))) == 10  # equals share the load
+
+
+def test_never_redirected_to_itself():
+    tracker = Tracker()
+    tracker.announce("http://me:1", 0.0, add={D: [0]})
+    assert tracker.choose(D, 0, 10, 1.0, random.Random(), exclude="http://me:1") is None
+
+
+def test_announces_expire_and_can_be_withdrawn_or_replaced():
+    tracker = Tracker(ttl=30.0)
+    tracker.announce("http://p:1", 0.0, add={D: [0, 1, 2]})
+    tracker.announce("http://p:1", 1.0, withdraw={D: [1]})
+    assert tracker.holders(D, range(1, 2), 1.0) == []
+    assert tracker.holders(D, range(0, 1), 1.0) == ["http://p:1"]
+    tracker.announce("http://p:1", 2.0, add={D: [5]}, full=True)  # everything it holds: forget the rest
+    assert tracker.holders(D, range(0, 1), 2.0) == [] and tracker.holders(D, range(5, 6), 2.0) == ["http://p:1"]
+    assert tracker.holders(D, range(5, 6), 2.0 + 30.0) == []  # not renewed: not used
+    assert tracker.expire(40.0) == ["http://p:1"] and tracker.piece_count() == 0
+    tracker.announce("http://q:1", 50.0, add={D: [0]})
+    tracker.leave("http://q:1")
+    assert tracker.holders(D, range(0, 1), 50.0) == []
+
+
+def test_failing_peers_cool_down_and_corrupt_ones_are_banned():
+    tracker = Tracker(failure_cooldown=10.0, corrupt_ban=100.0)
+    tracker.announce("http://slow:1", 0.0, add={D: [0]})
+    tracker.announce("http://liar:1", 0.0, add={D: [0]})
+    tracker.report("http://slow:1", FAILED, 1.0)
+    tracker.report("http://liar:1", CORRUPT, 1.0)
+    assert tracker.holders(D, range(0, 1), 2.0) == []
+    assert tracker.holders(D, range(0, 1), 12.0) == ["http://slow:1"]
+    tracker.announce("http://slow:1", 49.0, add={D: [0]})
+    assert not tracker.announce("http://liar:1", 50.0, add={D: [0]})  # still banned: its announce ignored
+    assert tracker.holders(D, range(0, 1), 50.0) == ["http://slow:1"]
+    assert tracker.announce("http://liar:1", 102.0, add={D: [0]})
+
+
+def test_announce_body_round_trip_and_bad_bodies_are_named():
+    message = Announce(8901, {D: [3, 1]}, {D: [7]}, full=False)
+    parsed = parse_announce(message.to_json())
+    assert parsed.port == 8901 and parsed.add == {D: [1, 3]} and parsed.withdraw == {D: [7]}
+    with pytest.raises(BadRequest, match="port"):
+        parse_announce(b'{"port": 0}')
+    with pytest.raises(BadRequest, match=r"add\[0\].*digest"):
+        parse_announce(b'{"port": 1, "add": [{"digest": "md5:x", "pieces": []}]}')
+    with pytest.raises(BadRequest, match="piece numbers"):
+        parse_announce(json.dumps({"port": 1, "add": [{"digest": D, "pieces": [-1]}]}).encode())
+    with pytest.raises(BadRequest, match="not JSON"):
+        parse_announce(b"{")
+
+
+def test_reports_header_round_trip_ignores_junk():
+    reports = [("failed", "http://10.0.0.1:8901"), ("corrupt", "http://[fe80::1]:8901")]
+    assert parse_reports(format_reports(reports)) == reports
+    assert parse_reports("bogus x, failed ftp://x:1, corrupt http://a:1/path") == []
+
+
+def test_tickets_bind_peer_blob_and_time():
+    secret = b"s" * 32
+    key = peer_key(secret, "http://p:1")
+    ticket = make_ticket(key, D, expires=1000)
+    assert check_ticket([key], D, ticket, now=999)
+    assert not check_ticket([key], D, ticket, now=1001)  # expired
+    assert not check_ticket([peer_key(secret, "http://other:1")], D, ticket, now=999)  # another peer's
+    assert not check_ticket([key], "sha256:" + "cd" * 32, ticket, now=999)  # another blob
+    assert not check_ticket([key], D, "2000." + ticket.split(".")[1], now=999)  # a longer life forged
+    assert not check_ticket([key], D, None, now=0) and not check_ticket([], D, ticket, now=0)
