@@ -417,3 +417,32 @@ def test_the_snapshotter_refuses_a_bad_config_file(tmp_path):
     assert result.returncode == 1
     assert str(config) in result.stderr and "rw_mode" in result.stderr, result.stderr
     assert not (tmp_path / "s.sock").exists()
+
+
+
+@pytest.mark.needs_root
+def test_a_view_snapshot_is_a_read_only_dadi_view(node, busybox_ref, tmp_path):
+    """Snapshots.View through containerd (what tools that inspect an image use): a read-only ext4 mount."""
+    from dadi.snapshotter.containerd import ContainerdClient
+    from dadi.snapshotter.proto import snapshots_pb2
+
+    top = pull(node, busybox_ref)["layers"][-1]["chain_id"]
+    client = ContainerdClient(node.socket)
+    try:
+        reply = client.call(client.snapshots.View, snapshots_pb2.ViewSnapshotRequest(
+            snapshotter="dadi", key="inspect-view", parent=top), "view")
+        [mount] = reply.mounts
+        assert mount.type == "ext4" and "ro" in mount.options
+        target = tmp_path / "mnt"
+        target.mkdir()
+        subprocess.run(["mount", "-t", "ext4", "-o", ",".join(mount.options), mount.source, str(target)],
+                       check=True)
+        try:
+            assert (target / "etc" / "hostname").read_text() == BUSYBOX_HOSTNAME
+            assert any(not v["rw"] for v in daemon_views(node) if v["name"].startswith("ctd-"))
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+        client.call(client.snapshots.Remove, snapshots_pb2.RemoveSnapshotRequest(
+            snapshotter="dadi", key="inspect-view"), "remove")
+    finally:
+        client.close()

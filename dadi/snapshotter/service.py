@@ -42,8 +42,11 @@ def _rpc(method):
 
     @functools.wraps(method)
     def wrapper(self, request, context):
+        ns = namespace_of(context)
+        if log.isEnabledFor(logging.DEBUG):  # `dadi snapshotter -v`: every call, on one line
+            log.debug("%s ns=%r %s", method.__name__, ns, " ".join(str(request).split())[:600])
         try:
-            return method(self, request, context, namespace_of(context))
+            return method(self, request, context, ns)
         except SnapshotError as e:
             if e.code != "exists":  # ALREADY_EXISTS is how remote layers answer: no news
                 log.info("%s: %s", method.__name__, e)
