@@ -207,7 +207,8 @@ def busybox_ref(busybox_image, module_registry, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    """containerd + dadi snapshotter (rw_mode dev) + node daemon root, shared by this module's tests."""
+    """containerd + dadi snapshotter (rw_mode dev) + node daemon root, shared by this module's tests
+    (in this module it stands for mounthelpers' `node`, a bare daemon root: here a node is all three)."""
     from containerd_helpers import DadiContainerd
 
     with DadiContainerd(tmp_path_factory.mktemp("ctd")) as ctd:
