@@ -1,11 +1,13 @@
-"""A peer that lies, for tests/test_p2p_netns.py: a fake, because the real peer server (dadi/p2p/peer.py)
-re-checks every chunk it serves and cannot be made to lie without test hooks in product code.
+"""A peer that lies or hangs, for tests/test_p2p_netns.py: a fake, because the real peer server
+(dadi/p2p/peer.py) re-checks every chunk it serves and cannot be made to misbehave without test hooks in
+product code.
 
-    python lying_peer.py SUPERNODE_URL PORT DIGEST PIECES
+    python lying_peer.py SUPERNODE_URL PORT DIGEST PIECES [lie|hang]
 
-It announces that it holds pieces 0..PIECES-1 of blob DIGEST (the real announce protocol, every second),
-and answers every range GET with as many 0xff bytes as asked for (a well-formed 206 with the right
-Content-Range: only the bytes are wrong). Each answer prints "served N" on stdout.
+It announces that it holds pieces 0..PIECES-1 of blob DIGEST (the real announce protocol, every second).
+`lie` (the default) answers every range GET with as many 0xff bytes as asked for (a well-formed 206 with
+the right Content-Range: only the bytes are wrong) and prints "served N"; `hang` accepts the request,
+prints "hanging" and never answers.
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 def main() -> None:
     supernode, port, digest, pieces = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    mode = sys.argv[5] if len(sys.argv) > 5 else "lie"
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if mode == "hang":
+                print("hanging", flush=True)
+                threading.Event().wait()
             start, end = map(int, re.match(r"bytes=(\d+)-(\d+)", self.headers["Range"]).groups())
             body = b"\xff" * (end - start + 1)
             self.send_response(206)

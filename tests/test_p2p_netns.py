@@ -9,6 +9,7 @@ cannot be made to lie. Every process is stopped by its pid and every mount remov
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from conftest import REPO, dadi_cli, pseudo_random
 from mounthelpers import cleanup_node, record_mount
 from netns_helpers import PEER_PORT, SUPERNODE_PORT, Topology, build_p2p_image, netns_cmd
@@ -48,6 +50,28 @@ def dc(tmp_path_factory):
         dadi_cli("convert", f"oci:{layout}:{tag}", ref, "--plain-http", "--authfile", str(authfile),
                  "--cache-dir", str(tmp / "convert-cache"), "-q")
         yield net, registry, authfile, ref
+
+
+def layer_digest(ref: str, authfile: Path) -> str:
+    info = json.loads(dadi_cli("inspect", ref, "--plain-http", "--authfile", str(authfile), "--json").stdout)
+    assert len(info["layers"]) == 1  # the image has one layer
+    return info["layers"][0]["digest"]
+
+
+@contextlib.contextmanager
+def fake_peer(tmp_path: Path, net: Topology, digest: str, mode: str):
+    """tests/lying_peer.py in the last node namespace, announcing every piece of `digest`; yields its log."""
+    log_path = tmp_path / f"fake-peer-{mode}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            netns_cmd(net.node_ns[-1], [sys.executable, str(REPO / "tests" / "lying_peer.py"), net.supernode_url,
+                                        str(PEER_PORT), digest, "16", mode]), stdout=log, stderr=log)
+    try:
+        _wait(lambda: "announced" in log_path.read_text(), f"the {mode} peer announced")
+        yield log_path
+    finally:
+        process.kill()
+        process.wait()
 
 
 class NetnsSupernode(Supernode):
@@ -129,6 +153,9 @@ def _in_parallel(work, items) -> None:
 def test_eight_nodes_start_at_once_registry_sends_the_image_about_once_and_peers_carry_bytes(dc, tmp_path):
     net, registry, authfile, ref = dc
     nodes = [Node(tmp_path, net, i) for i in range(8)]
+    metrics_url = f"http://{net.node_ip[0]}:9464/metrics"  # node 0's daemon serves Prometheus metrics
+    nodes[0].root.mkdir(parents=True)
+    (nodes[0].root / "daemon.toml").write_text(f'metrics = "{net.node_ip[0]}:9464"\n')
     with NetnsSupernode(tmp_path, net, tmp_path / "sn-cache") as supernode:
         try:
             before = net.tx_bytes(net.registry_ns)
@@ -145,6 +172,7 @@ def test_eight_nodes_start_at_once_registry_sends_the_image_about_once_and_peers
             sent = supernode.metric("dadi_supernode_sent_bytes_total")
             peer_received = sum(s["peers"]["received_bytes"] for s in stats)
             peer_served = sum(s["peers"]["served"]["sent_bytes"] for s in stats)
+            node0 = _scrape(metrics_url)
             print(f"image {image} B, registry egress {egress} B ({egress / image:.2f}x), supernode sent {sent:.0f} "
                   f"B ({sent / image:.2f}x), peers carried {peer_received} B")
         finally:
@@ -157,6 +185,10 @@ def test_eight_nodes_start_at_once_registry_sends_the_image_about_once_and_peers
     assert peer_received > 0 and peer_served > 0, "peers carried nothing"
     assert sent + peer_received >= 8 * image * 0.9  # every node got its bytes from one or the other
     assert sent < 8 * image, "the supernode sent every node everything: peers took no load off it"
+    # What an operator sees on node 0: its peer traffic both ways, next to the other figures.
+    assert node0["dadi_node_peer_received_bytes_total"] == stats[0]["peers"]["received_bytes"]
+    assert node0["dadi_node_peer_sent_bytes_total"] == stats[0]["peers"]["served"]["sent_bytes"]
+    assert node0["dadi_node_peer_announces_total"] > 0 and node0["dadi_node_prefetch_done"] == 1
 
 
 def test_nodes_finish_through_the_registry_when_the_supernode_dies_mid_start(dc, tmp_path):
@@ -183,7 +215,6 @@ def test_corrupt_peers_are_caught_and_no_bad_byte_reaches_a_reader_and_the_cache
     net, registry, authfile, ref = dc
     quota = 4 * MiB  # half the image
     a, b, c = (Node(tmp_path, net, i) for i in range(3))
-    liar_process = None
     # Every piece is hot from its first request: a single node asking is redirected to a holder.
     with NetnsSupernode(tmp_path, net, tmp_path / "sn-cache", "--cache-quota", str(quota),
                         "--p2p-hot-requests", "1") as supernode:
@@ -213,28 +244,36 @@ def test_corrupt_peers_are_caught_and_no_bad_byte_reaches_a_reader_and_the_cache
             a.cleanup()
             b.cleanup()  # only the liar holds the blob now
 
-            liar_log = tmp_path / "liar.log"
-            with liar_log.open("wb") as log:
-                liar_process = subprocess.Popen(
-                    netns_cmd(net.node_ns[7], [sys.executable, str(REPO / "tests" / "lying_peer.py"),
-                                               net.supernode_url, str(PEER_PORT), digest, "16"]),
-                    stdout=log, stderr=log)
-            _wait(lambda: "announced" in liar_log.read_text(), "the lying peer announced")
-            c.mount(ref, *c.p2p_args(authfile), "--no-prefetch")
-            c.read_all()  # every byte right, though the liar was asked first
-            stats_c = c.stats()
-            assert re.search(r"served \d+", liar_log.read_text()), "the liar was never asked"
-            assert stats_c["peers"]["corrupt_chunks"] > 0 and stats_c["read_errors"] == 0
-            _wait(lambda: supernode.metric("dadi_supernode_peer_reports_total", reason="corrupt") > 0,
-                  "node 2 reported the liar to the supernode")
+            with fake_peer(tmp_path, net, digest, "lie") as liar_log:
+                c.mount(ref, *c.p2p_args(authfile), "--no-prefetch")
+                c.read_all()  # every byte right, though the liar was asked first
+                stats_c = c.stats()
+                assert re.search(r"served \d+", liar_log.read_text()), "the liar was never asked"
+                assert stats_c["peers"]["corrupt_chunks"] > 0 and stats_c["read_errors"] == 0
+                _wait(lambda: supernode.metric("dadi_supernode_peer_reports_total", reason="corrupt") > 0,
+                      "node 2 reported the liar to the supernode")
             usage = disk_usage(tmp_path / "sn-cache")
         finally:
-            if liar_process is not None:
-                liar_process.kill()
-                liar_process.wait()
             for node in (a, b, c):
                 node.cleanup()
     assert usage <= quota, f"supernode cache takes {usage} B, quota {quota} B"
+
+
+def test_a_peer_that_hangs_costs_one_timeout_then_the_supernode_serves(dc, tmp_path):
+    net, registry, authfile, ref = dc
+    node = Node(tmp_path, net, 0)
+    with NetnsSupernode(tmp_path, net, tmp_path / "sn-cache", "--p2p-hot-requests", "1") as supernode, \
+            fake_peer(tmp_path, net, layer_digest(ref, authfile), "hang") as hung_log:
+        try:
+            node.mount(ref, *node.p2p_args(authfile), "--no-prefetch")
+            node.read_all()
+            stats = node.stats()
+        finally:
+            node.cleanup()
+        assert "hanging" in hung_log.read_text()  # it was asked, and never answered
+        assert supernode.metric("dadi_supernode_peer_reports_total", reason="failed") >= 1
+    assert stats["peers"]["failures"] >= 1 and stats["peers"]["received_bytes"] == 0
+    assert stats["read_errors"] == 0 and stats["sources"].get("supernode", 0) > 0
 
 
 def test_a_node_without_credentials_gets_nothing_from_the_supernode_or_from_peers(dc, tmp_path):
@@ -290,6 +329,17 @@ def _get_from(netns: str, url: str) -> dict:
     out = subprocess.run(netns_cmd(netns, [sys.executable, "-c", _GET, url]), capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout)
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Sample name -> value of a Prometheus endpoint (labelled samples summed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(requests.get(url, timeout=10).text):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0) + sample.value
+    return out
 
 
 def _wait(condition, what: str, timeout: float = 60.0) -> None:
