@@ -7,6 +7,10 @@ bridge in the host's namespace, the registry's link shaped with tbf.
         net.node_ns[i], net.node_ip[i]         # node i's
         net.tx_bytes(net.registry_ns)          # what the registry's interface has sent (its egress)
 
+NetnsSupernode runs `dadi supernode` in the supernode's namespace, NetnsNode a node daemon (`dadi mount
+--supernode --p2p-listen`) in a node's; build_p2p_image makes the image they read (FILES incompressible
+files of FILE_SIZE bytes). The tests and tools/bench/p2p.py share them.
+
 The host holds the bridge and the first address of the subnet, so the test process reaches everyone.
 Node daemons run under `nsenter --net=` (netns_cmd), which enters the network namespace only: their
 FUSE and ext4 mounts stay in the host's mount namespace, where `dadi mount` and the test see them (`ip
@@ -16,12 +20,22 @@ an interrupted run (same names) first.
 
 from __future__ import annotations
 
+import json
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
+
+from conftest import REPO, dadi_cli, pseudo_random
+from mounthelpers import cleanup_node, record_mount
+from test_supernode import Supernode, clean_env
 
 REGISTRY_PORT = 5000
 SUPERNODE_PORT = 8900
 PEER_PORT = 8901
+FILES = 8  # files of the p2p image, 1 MiB each, incompressible: an image of ~8 MiB
+FILE_SIZE = 1 << 20
+DADI = str(REPO / ".venv" / "bin" / "dadi")
+PREFETCH_DEADLINE = 180  # seconds `dadi stats --wait-prefetch` waits: 8 daemons share 2 cores
 
 
 def _ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -108,9 +122,8 @@ class Topology:
         return int(_ip("cat", "/sys/class/net/eth0/statistics/tx_bytes", netns=netns).stdout)
 
 
-def p2p_image_layer(files: int = 8, size: int = 1 << 20, seed: str = "p2p") -> bytes:
+def p2p_image_layer(files: int = FILES, size: int = FILE_SIZE, seed: str = "p2p") -> bytes:
     """A layer tar with `files` incompressible files of `size` bytes: /data/f0 ... (tests/imagebuilder)."""
-    from conftest import pseudo_random
     from imagebuilder import TarBuilder
 
     tar = TarBuilder().dir("data")
@@ -126,3 +139,55 @@ def build_p2p_image(layout: Path, tag: str = "v1", **kwargs) -> tuple[Path, str]
     builder.add_layer(p2p_image_layer(**kwargs), compression="gzip")
     builder.write()
     return layout, tag
+
+
+class NetnsSupernode(Supernode):
+    """`dadi supernode` in the topology's supernode namespace (tests/test_supernode.Supernode otherwise)."""
+
+    def __init__(self, tmp_path: Path, net: Topology, cache_dir: Path, *args: str):
+        super().__init__(tmp_path, net.registry, cache_dir, *args)
+        self.cmd = netns_cmd(net.supernode_ns, [
+            DADI, "supernode", "--listen", f"{net.supernode_ip}:{SUPERNODE_PORT}", "--registry", net.registry,
+            "--plain-http", "--cache-dir", str(cache_dir), *args])
+
+
+class NetnsNode:
+    """A node daemon (root of its own) in node namespace `index`, serving peers on its address."""
+
+    def __init__(self, tmp_path: Path, net: Topology, index: int):
+        self.net, self.index = net, index
+        self.root = tmp_path / f"node{index}"
+        self.mnt = tmp_path / f"mnt{index}"
+        self.scope = tmp_path
+        self.netns = net.node_ns[index]
+
+    def mount(self, ref: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        argv = netns_cmd(self.netns, [DADI, "mount", ref, str(self.mnt), "--root", str(self.root), "--json",
+                                      "--plain-http", *extra])
+        result = subprocess.run(argv, capture_output=True, text=True, env=clean_env(self.scope))
+        if check:
+            assert result.returncode == 0, f"node {self.index}: dadi mount failed:\n{result.stderr}"
+            record_mount(self.root, json.loads(result.stdout))
+        return result
+
+    def p2p_args(self, authfile: Path | None) -> list[str]:
+        args = ["--supernode", self.net.supernode_url, "--p2p-listen", f"{self.net.node_ip[self.index]}:{PEER_PORT}"]
+        return args + (["--authfile", str(authfile)] if authfile else [])
+
+    def read_all(self, files: Iterable[int] = range(FILES)) -> None:
+        """Read files /data/fI of the p2p image and check them (p2p_image_layer wrote them)."""
+        for i in files:
+            data = (self.mnt / "data" / f"f{i}").read_bytes()
+            assert data == pseudo_random(f"p2p:{i}", FILE_SIZE), f"node {self.index}: /data/f{i} differs"
+
+    def stats(self, *extra: str) -> dict:
+        return json.loads(dadi_cli("stats", str(self.mnt), "--root", str(self.root), "--json", *extra).stdout)
+
+    def wait_prefetch(self) -> dict:
+        stats = self.stats("--wait-prefetch", str(PREFETCH_DEADLINE))
+        assert stats["prefetch_state"] == "done", f"node {self.index}: prefetch not done: {stats}"
+        return stats
+
+    def cleanup(self) -> None:
+        cleanup_node(self.root, self.mnt)

@@ -21,19 +21,23 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, dadi_cli, pseudo_random
-from mounthelpers import cleanup_node, record_mount
-from netns_helpers import PEER_PORT, SUPERNODE_PORT, Topology, build_p2p_image, netns_cmd
+from conftest import REPO, dadi_cli
+from netns_helpers import (
+    FILE_SIZE,
+    FILES,
+    PEER_PORT,
+    NetnsNode,
+    NetnsSupernode,
+    Topology,
+    build_p2p_image,
+    netns_cmd,
+)
 from registry_server import RegistryServer
-from test_supernode import Supernode, disk_usage
+from test_supernode import disk_usage
 
 pytestmark = pytest.mark.needs_root
 
-FILES = 8  # files of the image, 1 MiB each, incompressible: an image of ~8 MiB
-FILE_SIZE = 1 << 20
 MiB = 1 << 20
-DADI = str(REPO / ".venv" / "bin" / "dadi")
-PREFETCH_DEADLINE = 180  # seconds `dadi stats --wait-prefetch` waits: 8 daemons share 2 cores
 USER, PASSWORD = "alice", "secret"
 
 
@@ -74,63 +78,6 @@ def fake_peer(tmp_path: Path, net: Topology, digest: str, mode: str):
         process.wait()
 
 
-class NetnsSupernode(Supernode):
-    """`dadi supernode` in the topology's supernode namespace (tests/test_supernode.Supernode otherwise)."""
-
-    def __init__(self, tmp_path: Path, net: Topology, cache_dir: Path, *args: str):
-        super().__init__(tmp_path, net.registry, cache_dir, *args)
-        self.cmd = netns_cmd(net.supernode_ns, [
-            DADI, "supernode", "--listen", f"{net.supernode_ip}:{SUPERNODE_PORT}", "--registry", net.registry,
-            "--plain-http", "--cache-dir", str(cache_dir), *args])
-
-
-class Node:
-    """A node daemon (root of its own) in node namespace `index`, serving peers on its address."""
-
-    def __init__(self, tmp_path: Path, net: Topology, index: int):
-        self.net, self.index = net, index
-        self.root = tmp_path / f"node{index}"
-        self.mnt = tmp_path / f"mnt{index}"
-        self.scope = tmp_path
-        self.netns = net.node_ns[index]
-
-    def mount(self, ref: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        argv = netns_cmd(self.netns, [DADI, "mount", ref, str(self.mnt), "--root", str(self.root), "--json",
-                                      "--plain-http", *extra])
-        result = subprocess.run(argv, capture_output=True, text=True, env=_clean_env(self.scope))
-        if check:
-            assert result.returncode == 0, f"node {self.index}: dadi mount failed:\n{result.stderr}"
-            record_mount(self.root, json.loads(result.stdout))
-        return result
-
-    def p2p_args(self, authfile: Path | None) -> list[str]:
-        args = ["--supernode", self.net.supernode_url, "--p2p-listen", f"{self.net.node_ip[self.index]}:{PEER_PORT}"]
-        return args + (["--authfile", str(authfile)] if authfile else [])
-
-    def read_all(self, files=range(FILES)) -> None:
-        for i in files:
-            data = (self.mnt / "data" / f"f{i}").read_bytes()
-            assert data == pseudo_random(f"p2p:{i}", FILE_SIZE), f"node {self.index}: /data/f{i} differs"
-
-    def stats(self, *extra: str) -> dict:
-        return json.loads(dadi_cli("stats", str(self.mnt), "--root", str(self.root), "--json", *extra).stdout)
-
-    def wait_prefetch(self) -> dict:
-        stats = self.stats("--wait-prefetch", str(PREFETCH_DEADLINE))
-        assert stats["prefetch_state"] == "done", f"node {self.index}: prefetch not done: {stats}"
-        return stats
-
-    def cleanup(self) -> None:
-        cleanup_node(self.root, self.mnt)
-
-
-def _clean_env(tmp_path: Path) -> dict[str, str]:
-    from test_supernode import clean_env
-
-    return clean_env(tmp_path)
-
-
 def _in_parallel(work, items) -> None:
     """work(item) for every item at once, in threads; the first failure is raised."""
     errors: list[BaseException] = []
@@ -152,7 +99,7 @@ def _in_parallel(work, items) -> None:
 
 def test_eight_nodes_start_at_once_registry_sends_the_image_about_once_and_peers_carry_bytes(dc, tmp_path):
     net, registry, authfile, ref = dc
-    nodes = [Node(tmp_path, net, i) for i in range(8)]
+    nodes = [NetnsNode(tmp_path, net, i) for i in range(8)]
     metrics_url = f"http://{net.node_ip[0]}:9464/metrics"  # node 0's daemon serves Prometheus metrics
     nodes[0].root.mkdir(parents=True)
     (nodes[0].root / "daemon.toml").write_text(f'metrics = "{net.node_ip[0]}:9464"\n')
@@ -160,7 +107,7 @@ def test_eight_nodes_start_at_once_registry_sends_the_image_about_once_and_peers
         try:
             before = net.tx_bytes(net.registry_ns)
 
-            def start(node: Node) -> None:
+            def start(node: NetnsNode) -> None:
                 node.mount(ref, *node.p2p_args(authfile))
                 node.read_all()
                 node.wait_prefetch()
@@ -193,7 +140,7 @@ def test_eight_nodes_start_at_once_registry_sends_the_image_about_once_and_peers
 
 def test_nodes_finish_through_the_registry_when_the_supernode_dies_mid_start(dc, tmp_path):
     net, registry, authfile, ref = dc
-    nodes = [Node(tmp_path, net, i) for i in range(3)]
+    nodes = [NetnsNode(tmp_path, net, i) for i in range(3)]
     supernode = NetnsSupernode(tmp_path, net, tmp_path / "sn-cache").start()
     try:
         _in_parallel(lambda n: n.mount(ref, *n.p2p_args(authfile), "--no-prefetch", "--io-timeout", "60"), nodes)
@@ -214,7 +161,7 @@ def test_nodes_finish_through_the_registry_when_the_supernode_dies_mid_start(dc,
 def test_corrupt_peers_are_caught_and_no_bad_byte_reaches_a_reader_and_the_cache_keeps_its_quota(dc, tmp_path):
     net, registry, authfile, ref = dc
     quota = 4 * MiB  # half the image
-    a, b, c = (Node(tmp_path, net, i) for i in range(3))
+    a, b, c = (NetnsNode(tmp_path, net, i) for i in range(3))
     # Every piece is hot from its first request: a single node asking is redirected to a holder.
     with NetnsSupernode(tmp_path, net, tmp_path / "sn-cache", "--cache-quota", str(quota),
                         "--p2p-hot-requests", "1") as supernode:
@@ -261,7 +208,7 @@ def test_corrupt_peers_are_caught_and_no_bad_byte_reaches_a_reader_and_the_cache
 
 def test_a_peer_that_hangs_costs_one_timeout_then_the_supernode_serves(dc, tmp_path):
     net, registry, authfile, ref = dc
-    node = Node(tmp_path, net, 0)
+    node = NetnsNode(tmp_path, net, 0)
     with NetnsSupernode(tmp_path, net, tmp_path / "sn-cache", "--p2p-hot-requests", "1") as supernode, \
             fake_peer(tmp_path, net, layer_digest(ref, authfile), "hang") as hung_log:
         try:
@@ -278,7 +225,7 @@ def test_a_peer_that_hangs_costs_one_timeout_then_the_supernode_serves(dc, tmp_p
 
 def test_a_node_without_credentials_gets_nothing_from_the_supernode_or_from_peers(dc, tmp_path):
     net, registry, authfile, ref = dc
-    holder, stranger = Node(tmp_path, net, 0), Node(tmp_path, net, 1)
+    holder, stranger = NetnsNode(tmp_path, net, 0), NetnsNode(tmp_path, net, 1)
     with NetnsSupernode(tmp_path, net, tmp_path / "sn-cache", "--p2p-hot-requests", "1") as supernode:
         try:
             holder.mount(ref, *holder.p2p_args(authfile))
@@ -304,7 +251,7 @@ def test_a_node_without_credentials_gets_nothing_from_the_supernode_or_from_peer
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-def _layer_digest(node: Node) -> str:
+def _layer_digest(node: NetnsNode) -> str:
     from dadi.node.control import request
 
     cached = request(node.root, {"op": "cache"})["blobs"]
