@@ -112,3 +112,15 @@ def test_the_server_answers_ranges_with_a_ticket_and_refuses_the_rest(cached):
     assert results["past_end"].status_code == 416 and results["not_held"].status_code == 404
     assert results["busy"].status_code == 503
     assert app.stats.uploads == 2 and app.stats.forbidden == 2 and app.stats.busy == 1
+
+
+def test_p2p_listen_in_the_daemon_config(tmp_path):
+    from dadi.errors import DadiError
+    from dadi.node.config import load_config
+
+    path = tmp_path / "daemon.toml"
+    path.write_text('p2p_listen = "0.0.0.0:8901"\nsupernodes = ["http://sn1:8900"]\n')
+    assert load_config(path).p2p_listen == "0.0.0.0:8901"
+    path.write_text("p2p_listen = 8901\n")
+    with pytest.raises(DadiError, match=r"daemon.toml: p2p_listen must be \"HOST:PORT\""):
+        load_config(path)
