@@ -12,6 +12,9 @@ how many answers for exactly this range the proxy sent before (0 the first time)
 
 It runs in threads of the test process (`with CorruptingProxy(registry.host) as proxy:`), on a port of
 its own on 127.0.0.1.
+
+Every request is logged in `requests` as (method, path, Range header or None, status, body bytes sent),
+so that a test can also tell what a client asked of the registry (the default policy changes nothing).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class CorruptingProxy:
         self.policy = policy
         self.flips: list[tuple[str, int]] = []
         self.range_answers = 0  # 206 answers for blobs sent, changed or not
+        self.requests: list[tuple[str, str, str | None, int, int]] = []
         self._seen: collections.Counter[tuple[str, int, int]] = collections.Counter()
         self._lock = threading.Lock()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -105,6 +109,9 @@ class CorruptingProxy:
                     upstream.close()
                 if self.command == "GET" and response.status == 206:
                     data = proxy._tamper(self.path, response.headers, data)
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path, self.headers.get("Range"), response.status,
+                                           0 if self.command == "HEAD" else len(data)))
                 self.send_response(response.status, response.reason)  # adds Server and Date
                 for key, value in response.headers.items():
                     if key.lower() not in _HOP_BY_HOP | {"content-length", "server", "date"}:

@@ -248,7 +248,7 @@ def test_writer_rejects_bad_geometry_and_use_after_finish():
 
 def test_constants():
     assert FORMAT_VERSION in SUPPORTED_VERSIONS
-    assert LAYER_MEDIA_TYPE == mt.DADI_LAYER == "application/vnd.oci.image.layer.v1.tar+dadi"
+    assert LAYER_MEDIA_TYPE == mt.DADI_LAYER == "application/vnd.oci.image.layer.v1.dadi"
     assert (HEADER_SIZE, FOOTER_SIZE) == (64, 80)
 
 

@@ -33,7 +33,7 @@ from dadi.format.model import BLOCK_SIZE, BlobInfo, Chunk, Extent, LayerTables
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+dadi"  # why: dadi/image/mediatypes.py
+LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.dadi"  # why: dadi/image/mediatypes.py
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -15,13 +15,14 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 
-# An OCI layer media type with a "+dadi" suffix, not a vendor type of its own: containerd (images.IsLayerType)
-# treats only "application/vnd.oci.image.layer.*" and Docker's rootfs types as layers. Anything else is
-# fetched in full as a plain child of the manifest and never reaches the unpacker, so CRI PullImage would
-# download every dadi blob and hand the snapshotter no layer labels. With the suffix, containerd's
-# unpacker passes the layer annotations to the snapshotter, which answers AlreadyExists (nothing is
-# downloaded); a snapshotter that does not know dadi gets "no processor for media-type" instead of a tar.
-DADI_LAYER = "application/vnd.oci.image.layer.v1.tar+dadi"
+# Named under "application/vnd.oci.image.layer.", not a vendor tree of its own: containerd (images.IsLayerType)
+# treats only that prefix and Docker's rootfs types as layers. Anything else is fetched in full as a plain
+# child of the manifest and never reaches the unpacker, so CRI PullImage would download every dadi blob
+# and hand the snapshotter no layer labels. As a layer, its annotations reach the snapshotter, which
+# answers AlreadyExists (nothing is downloaded). No "+suffix" on "v1.tar": containerd would take
+# "v1.tar+anything" for an uncompressed tar; this name makes a snapshotter that does not know dadi fail
+# with "no processor for media-type" instead.
+DADI_LAYER = "application/vnd.oci.image.layer.v1.dadi"
 
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
