@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -120,6 +121,25 @@ class Topology:
     def tx_bytes(self, netns: str) -> int:
         """Bytes sent by the namespace's interface (eth0) since it was made: its egress."""
         return int(_ip("cat", "/sys/class/net/eth0/statistics/tx_bytes", netns=netns).stdout)
+
+
+def in_parallel(work, items) -> None:
+    """work(item) for every item at once, in threads; the first failure is raised."""
+    errors: list[BaseException] = []
+
+    def run(item):
+        try:
+            work(item)
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(item,)) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def p2p_image_layer(files: int = FILES, size: int = FILE_SIZE, seed: str = "p2p") -> bytes:

@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from netns_helpers import (
     NetnsSupernode,
     Topology,
     build_p2p_image,
+    in_parallel,
     netns_cmd,
 )
 from registry_server import RegistryServer
@@ -78,25 +78,6 @@ def fake_peer(tmp_path: Path, net: Topology, digest: str, mode: str):
         process.wait()
 
 
-def _in_parallel(work, items) -> None:
-    """work(item) for every item at once, in threads; the first failure is raised."""
-    errors: list[BaseException] = []
-
-    def run(item):
-        try:
-            work(item)
-        except BaseException as e:  # noqa: BLE001 - handed to the test's thread below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(item,)) for item in items]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
 def test_eight_nodes_start_at_once_registry_sends_the_image_about_once_and_peers_carry_bytes(dc, tmp_path):
     net, registry, authfile, ref = dc
     nodes = [NetnsNode(tmp_path, net, i) for i in range(8)]
@@ -112,7 +93,7 @@ def test_eight_nodes_start_at_once_registry_sends_the_image_about_once_and_peers
                 node.read_all()
                 node.wait_prefetch()
 
-            _in_parallel(start, nodes)
+            in_parallel(start, nodes)
             egress = net.tx_bytes(net.registry_ns) - before
             stats = [node.stats() for node in nodes]
             image = stats[0]["bytes_total"]  # what one node needed: every layer blob, whole
@@ -143,11 +124,11 @@ def test_nodes_finish_through_the_registry_when_the_supernode_dies_mid_start(dc,
     nodes = [NetnsNode(tmp_path, net, i) for i in range(3)]
     supernode = NetnsSupernode(tmp_path, net, tmp_path / "sn-cache").start()
     try:
-        _in_parallel(lambda n: n.mount(ref, *n.p2p_args(authfile), "--no-prefetch", "--io-timeout", "60"), nodes)
-        _in_parallel(lambda n: n.read_all([0]), nodes)  # the start has begun, through the supernode
+        in_parallel(lambda n: n.mount(ref, *n.p2p_args(authfile), "--no-prefetch", "--io-timeout", "60"), nodes)
+        in_parallel(lambda n: n.read_all([0]), nodes)  # the start has begun, through the supernode
         assert supernode.metric("dadi_supernode_sent_bytes_total") > 0
         supernode.stop(signal.SIGKILL)
-        _in_parallel(lambda n: n.read_all(), nodes)
+        in_parallel(lambda n: n.read_all(), nodes)
         stats = [node.stats() for node in nodes]
     finally:
         supernode.stop(signal.SIGKILL)

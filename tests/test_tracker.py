@@ -163,3 +163,21 @@ def test_tickets_bind_peer_blob_and_time():
     assert not check_ticket([key], "sha256:" + "cd" * 32, ticket, now=999)  # another blob
     assert not check_ticket([key], D, "2000." + ticket.split(".")[1], now=999)  # a longer life forged
     assert not check_ticket([key], D, None, now=0) and not check_ticket([], D, ticket, now=0)
+
+
+def test_a_hot_piece_nobody_holds_yet_waits_for_its_seeds_only_after_whole_piece_requests():
+    policy = RedirectPolicy()
+    rng = random.Random(2)
+    assert policy.decide(D, 0, MiB, 1.0, rng).reason == "cold"
+    policy.served(D, 0, MiB, 1.0)  # a seed: it got the whole piece
+    assert policy.decide(D, 0, MiB, 1.01, rng).reason == "no_peer"  # one seed is not enough to wait for
+    policy.served(D, 0, MiB, 1.01)
+    assert policy.decide(D, 0, 64 << 10, 1.02, rng).reason == "hold"  # two seeds: worth a short wait
+    policy.tracker.announce("http://seed:1", 1.03, add={D: [0]})
+    assert policy.retry(D, 0, 64 << 10, 1.03, rng).peer == "http://seed:1"
+    # Sparse reads of another piece make no seeds: their requesters are never made to wait.
+    for now in (2.0, 2.01, 2.02):
+        policy.served(D, 5 * MiB, 5 * MiB + (64 << 10), now)
+    policy.decide(D, 5 * MiB, 5 * MiB + 10, 2.03, rng)
+    assert policy.decide(D, 5 * MiB, 5 * MiB + 10, 2.04, rng).reason == "no_peer"
+    assert policy.decide(D, 0, 10, 1.0 + 2 * HOT_WINDOW, rng).reason == "cold"  # all of it is forgotten

@@ -301,7 +301,8 @@ class Daemon:
                     chunk_sources.insert(0, _supernode_set(supernodes, source.ref, options.authfile,
                                                            lambda: self.peers.port))
             self._fetchers[key] = Fetcher(chunk_sources, limiter=self.limiter,
-                                          on_request=self.metrics.observe_request if self.metrics else None)
+                                          on_request=self.metrics.observe_request if self.metrics else None,
+                                          on_verified=self.peers.chunk_verified)
         fetcher = self._fetchers[key]
         return ref, manifest, layers, fetcher, [s.name for s in fetcher.sources]
 

@@ -1,8 +1,9 @@
 """A peer's announces to its supernodes: which pieces of which blobs this node can serve.
 
-Every CHECK_INTERVAL seconds the announcer looks at the blobs of the views (cheap: a blob whose chunk
-count and verification did not change is not looked at again), works out the pieces each can serve
-whole (peer.held_pieces) and sends each supernode what changed since its last announce: pieces gained
+Every CHECK_INTERVAL seconds the announcer looks at the blobs of the views and works out the pieces each
+can serve whole: only the pieces of the chunks the fetcher verified since (`chunk_arrived`, its
+on_verified hook), or the whole blob (peer.held_pieces) when it lost chunks, was verified, or is new.
+It sends each supernode what changed since its last announce: pieces gained
 (on completion of a piece, so within CHECK_INTERVAL) and pieces lost (a view unmounted, a blob evicted,
 a chunk that failed its xxh3). Every ANNOUNCE_INTERVAL seconds, after a failure, and whenever a
 supernode hands out a new ticket key (it restarted, and forgot us), the announce is full instead. At
@@ -22,13 +23,16 @@ from typing import Any
 import requests
 import trio
 
-from dadi.p2p.peer import held_pieces
+from dadi.p2p.peer import held_pieces, piece_is_held, pieces_of_chunks
 from dadi.p2p.peerproto import ANNOUNCE_PATH, Announce
 from dadi.p2p.tracker import ANNOUNCE_INTERVAL
 
 log = logging.getLogger(__name__)
 
-CHECK_INTERVAL = 0.1  # seconds between looks for completed pieces: the delay before others can use one
+# Seconds between looks for completed pieces: the delay before others can use one. Nodes starting together
+# ask for the same piece within milliseconds of each other; the sooner the first holder announces it,
+# the more of the others the supernode can send to it instead of serving them itself.
+CHECK_INTERVAL = 0.02
 REQUEST_TIMEOUT = 5.0
 
 
@@ -58,6 +62,11 @@ class Announcer:
         self._session = session or requests.Session()
         self._targets: dict[str, _Target] = {}
         self._held: dict[str, tuple[tuple[int, bool], set[int]]] = {}  # digest -> (state, pieces)
+        self._arrived: dict[str, set[int]] = {}  # digest -> chunks verified since the last look
+
+    def chunk_arrived(self, digest: str, index: int) -> None:
+        """The fetcher verified chunk `index` of blob `digest` (it is being written to the cache)."""
+        self._arrived.setdefault(digest, set()).add(index)
 
     def keys(self) -> list[bytes]:
         return [t.key for t in self._targets.values() if t.key is not None]
@@ -103,9 +112,19 @@ class Announcer:
     async def _pieces(self, layer: Any) -> set[int]:
         state = (layer.cache.present_count, layer.cache.verified)
         cached = self._held.get(layer.digest)
-        if cached is not None and cached[0] == state:
+        if cached is not None and cached[0] == state and not self._arrived.get(layer.digest):
             return cached[1]
-        pieces = await trio.to_thread.run_sync(held_pieces, layer)
+        arrived = self._arrived.pop(layer.digest, set())
+        if cached is None or state[0] < cached[0][0] or state[1] != cached[0][1]:
+            pieces = await trio.to_thread.run_sync(held_pieces, layer)  # new, lost chunks, or verified
+        else:
+            # A chunk reaches the cache just after the fetcher verified it: one not there yet is looked
+            # at again next time; a piece still missing other chunks is looked at when they arrive.
+            pieces = set(cached[1])
+            pieces |= {p for p in pieces_of_chunks(layer, arrived) - pieces if piece_is_held(layer, p)}
+            not_yet = {i for i in arrived if not layer.cache.has(i)}
+            if not_yet:
+                self._arrived.setdefault(layer.digest, set()).update(not_yet)
         self._held[layer.digest] = (state, pieces)
         return pieces
 

@@ -121,6 +121,11 @@ class SupernodeMetrics:
             "dadi_supernode_peer_reports", "Nodes' reports of peers that failed or sent corrupt bytes",
             ["reason"], registry=r,
         )  # fmt: skip
+        self.held = Counter(
+            "dadi_supernode_held_requests",
+            "Requests for a hot piece no peer held yet that waited for a seed to announce it, by outcome: "
+            "peer (redirected), timeout (served here)", ["outcome"], registry=r,
+        )  # fmt: skip
         self.peers = Gauge("dadi_supernode_peers", "Peers the tracker knows (announced, not expired)", registry=r)
         self.tracked_pieces = Gauge(
             "dadi_supernode_tracked_pieces", "(blob, piece) pairs at least one peer announced", registry=r

@@ -77,11 +77,48 @@ def held_pieces(layer: Any, piece_size: int = PIECE_SIZE) -> set[int]:
     return held
 
 
+def pieces_of_chunks(layer: Any, indexes: set[int], piece_size: int = PIECE_SIZE) -> set[int]:
+    """The pieces chunks `indexes` of the blob overlap."""
+    chunks = layer.tables.chunks
+    return {p for i in indexes for p in range(chunks[i].offset // piece_size,
+                                              (chunks[i].offset + chunks[i].length - 1) // piece_size + 1)}
+
+
+def piece_is_held(layer: Any, piece: int, piece_size: int = PIECE_SIZE) -> bool:
+    """Every byte of the piece can be served (the cheap check of one piece, for announces as chunks arrive)."""
+    if layer.cache.verified:
+        return True
+    start, end = piece * piece_size, min((piece + 1) * piece_size, layer.size)
+    chunks = layer.tables.chunks
+    i = max(0, bisect.bisect_right(_offsets(layer), start) - 1)
+    position = start
+    while position < end:
+        if i >= len(chunks) or chunks[i].offset > position or not layer.cache.has(i):
+            return False
+        position = chunks[i].offset + chunks[i].length
+        i += 1
+    return True
+
+
+def _offsets(layer: Any) -> list[int]:
+    """Chunk offsets of the blob (sorted: chunks are packed in blob order), computed once per blob (a
+    digest names one blob, and so one chunk table)."""
+    offsets = _OFFSETS.get(layer.digest)
+    if offsets is None:
+        offsets = _OFFSETS[layer.digest] = [c.offset for c in layer.tables.chunks]
+        while len(_OFFSETS) > 64:  # the blobs of the mounted views; old entries go first
+            del _OFFSETS[next(iter(_OFFSETS))]
+    return offsets
+
+
+_OFFSETS: dict[str, list[int]] = {}
+
+
 def read_range(layer: Any, start: int, end: int) -> bytes | None:
     """Blob bytes [start, end) from the local cache, every chunk xxh3-checked; None when any byte is not
     held (or a chunk fails its check: the cache drops it). Blocking: run it in a thread."""
     chunks = layer.tables.chunks
-    offsets = [c.offset for c in chunks]  # sorted: chunks are packed in blob order
+    offsets = _offsets(layer)
     parts = []
     position = start
     first = max(0, bisect.bisect_right(offsets, start) - 1)

@@ -64,6 +64,11 @@ class PeerNode:
         nursery.start_soon(self._announce)
         log.info("serving verified chunks to peers on %s", " ".join(binds))
 
+    def chunk_verified(self, digest: str, index: int, stored: bytes) -> None:
+        """The fetchers' on_verified hook: a chunk arrived, so a piece may be complete (announce it)."""
+        if self.announcer is not None:
+            self.announcer.chunk_arrived(digest, index)
+
     def _keys(self) -> list[bytes]:
         return self.announcer.keys() if self.announcer is not None else []
 

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from urllib.parse import quote
 
+import trio
+
 from dadi.p2p.metrics import SupernodeMetrics
 from dadi.p2p.peerproto import (
     NO_REDIRECT_HEADER,
@@ -29,7 +31,15 @@ from dadi.p2p.peerproto import (
     peer_key,
     peer_url,
 )
-from dadi.p2p.tracker import ANNOUNCE_INTERVAL, CORRUPT, HotPieces, RedirectPolicy, Tracker
+from dadi.p2p.tracker import (
+    ANNOUNCE_INTERVAL,
+    CORRUPT,
+    HOLD_POLL,
+    HOLD_SECONDS,
+    HotPieces,
+    RedirectPolicy,
+    Tracker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +89,20 @@ class TrackerRedirector:
             (log.warning if reason == CORRUPT else log.info)("a node at %s reports peer %s %s", client, peer, reason)
         if headers.get(NO_REDIRECT_HEADER) == "1":
             self.metrics.redirects.labels("declined").inc()
+            self.policy.served(digest, start, end + 1, now)
             return None
         port = headers.get(PEER_PORT_HEADER, "")
         requester = peer_url(client, int(port)) if port.isdigit() else None
         decision = self.policy.decide(digest, start, end + 1, now, self._rng, requester=requester)
+        if decision.reason == "hold":  # seeds are being served: wait for one of them to announce it
+            give_up = now + HOLD_SECONDS
+            while decision.peer is None and self._clock() < give_up:
+                await trio.sleep(HOLD_POLL)
+                decision = self.policy.retry(digest, start, end + 1, self._clock(), self._rng, requester=requester)
+            self.metrics.held.labels("peer" if decision.peer else "timeout").inc()
         self.metrics.redirects.labels(decision.reason).inc()
         if decision.peer is None:
+            self.policy.served(digest, start, end + 1, self._clock())
             return None
         ticket = make_ticket(peer_key(self._secret, decision.peer), digest, self._wall() + TICKET_SECONDS)
         return f"{decision.peer}/v2/{quote(repository)}/blobs/{digest}?{TICKET_PARAM}={ticket}"

@@ -27,6 +27,13 @@ The policy, and why:
   over for PEER_FAILURE_COOLDOWN seconds. A peer reported for sending bytes that failed their sha256
   loses every piece it announced and is refused for PEER_CORRUPT_BAN seconds.
 - **Never to itself**: a requester is never redirected to its own peer address.
+- **Seeds and holding** (RedirectPolicy): nodes that start together ask for the same piece within
+  milliseconds, before anyone holds it, so a hot piece would still go out from the supernode to all of
+  them. Instead the supernode sends it itself to SEED_COPIES nodes (per SEED_WINDOW) whose requests
+  cover most of it (SEED_COVERAGE: they will hold it whole once served, and announce it); a later
+  request for it waits up to HOLD_SECONDS for one of them to announce it and is then redirected, or
+  served by the supernode if none did. A request for a small part of a piece (a sparse on-demand read)
+  makes no seed, so it never waits for one.
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ ANNOUNCE_INTERVAL = 10.0  # seconds between a peer's full announces (changes go 
 ANNOUNCE_TTL = 3 * ANNOUNCE_INTERVAL  # an announce not renewed within this expires with its pieces
 PEER_FAILURE_COOLDOWN = 15.0  # seconds a peer reported unreachable (error, timeout, busy) is passed over
 PEER_CORRUPT_BAN = 600.0  # seconds a peer reported for corrupt bytes is refused (and its pieces dropped)
+SEED_COPIES = 2  # nodes the supernode itself sends a hot piece no peer holds, per SEED_WINDOW
+SEED_WINDOW = 1.0  # seconds
+SEED_COVERAGE = 0.75  # share of a piece a request must cover to make its requester a seed of the piece
+HOLD_SECONDS = 0.2  # how long a request for a seeded piece waits for a seed to announce it
+HOLD_POLL = 0.01  # seconds between looks for a holder while a request waits
 MAX_HOT_KEYS = 1 << 16  # pieces whose recent requests are remembered: a bound on the tracker's memory
 
 FAILED, CORRUPT = "failed", "corrupt"  # what a node reports about a peer
@@ -76,6 +88,11 @@ class HotPieces:
         while times and times[0] <= now - self.window:
             times.popleft()
         return len(times)
+
+    def count(self, digest: str, piece: int, now: float) -> int:
+        """Requests within the window, without counting one."""
+        times = self._times.get((digest, piece), ())
+        return sum(1 for t in times if t > now - self.window)
 
     def is_hot(self, count: int) -> bool:
         return count >= self.threshold
@@ -228,15 +245,21 @@ class Tracker:
 @dataclass(frozen=True)
 class Decision:
     peer: str | None  # where to redirect, or None: the supernode serves
-    reason: str  # "peer", "cold" (not hot), "no_peer" (hot, but no holder with a free slot)
+    # "peer", "cold" (not hot), "no_peer" (hot, but no holder with a free slot), "hold" (no holder yet,
+    # but seeds are being served: ask again with `retry` for up to HOLD_SECONDS)
+    reason: str
 
 
 class RedirectPolicy:
-    """Hotness + tracker: where a node's request for blob bytes [start, end) should go."""
+    """Hotness + tracker + seeds: where a node's request for blob bytes [start, end) should go. The
+    caller reports what the supernode served itself with `served`."""
 
-    def __init__(self, tracker: Tracker | None = None, hot: HotPieces | None = None):
+    def __init__(self, tracker: Tracker | None = None, hot: HotPieces | None = None, *,
+                 seeds: HotPieces | None = None, coverage: float = SEED_COVERAGE):
         self.tracker = tracker or Tracker()
         self.hot = hot or HotPieces()
+        self.seeds = seeds or HotPieces(window=SEED_WINDOW, threshold=SEED_COPIES)
+        self.coverage = coverage
 
     def decide(self, digest: str, start: int, end: int, now: float, rng: random.Random, *,
                requester: str | None = None, piece_size: int = PIECE_SIZE) -> Decision:
@@ -244,4 +267,21 @@ class RedirectPolicy:
         if not self.hot.is_hot(min(counts)):
             return Decision(None, "cold")
         peer = self.tracker.choose(digest, start, end, now, rng, exclude=requester, piece_size=piece_size)
+        if peer is not None:
+            return Decision(peer, "peer")
+        pieces = pieces_spanning(start, end, piece_size)
+        seeded = all(self.seeds.is_hot(self.seeds.count(digest, p, now)) for p in pieces)
+        return Decision(None, "hold" if seeded else "no_peer")
+
+    def retry(self, digest: str, start: int, end: int, now: float, rng: random.Random, *,
+              requester: str | None = None, piece_size: int = PIECE_SIZE) -> Decision:
+        """Ask again for a request told to hold (its hotness is not counted twice)."""
+        peer = self.tracker.choose(digest, start, end, now, rng, exclude=requester, piece_size=piece_size)
         return Decision(peer, "peer" if peer is not None else "no_peer")
+
+    def served(self, digest: str, start: int, end: int, now: float, piece_size: int = PIECE_SIZE) -> None:
+        """The supernode serves bytes [start, end) itself: pieces the range covers mostly gain a seed."""
+        for piece in pieces_spanning(start, end, piece_size):
+            lo, hi = piece * piece_size, (piece + 1) * piece_size
+            if min(end, hi) - max(start, lo) >= self.coverage * piece_size:
+                self.seeds.record(digest, piece, now)
