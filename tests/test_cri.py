@@ -294,10 +294,6 @@ def test_cri_pulls_a_dadi_image_lazily_and_runs_pods_from_it(cri_node, proxied_r
 
 
 @pytest.mark.needs_root
-@pytest.mark.xfail(strict=True, reason=(
-    "containerd's garbage collector calls the snapshotter's List and Remove('k8s.io/N/ID') without a "
-    "containerd-namespace header (seen in the snapshotter's -v log); dadi snapshotter keys its store by that "
-    "header, answers NotFound under '', and so never removes a CRI container's snapshot or its daemon view"))
 def test_removing_the_pod_and_the_image_through_cri_removes_the_views(cri_node, proxied_registry, busybox_image,
                                                                      tmp_path):
     registry, proxy = proxied_registry
@@ -306,11 +302,12 @@ def test_removing_the_pod_and_the_image_through_cri_removes_the_views(cri_node, 
     cri_node.cri.pull_image(ref)
     before = {v["name"] for v in cri_node.views()}
     pod_id, pod = cri_node.run_pod("gc")
-    status, out, _err = run_to_exit(cri_node, pod_id, pod, "gc", ref, ["/bin/cat", "/etc/motd"])
-    assert (status.exit_code, out) == (0, BUSYBOX_MOTD)
+    container_id = cri_node.cri.create_container(pod_id, container_config("gc", ref, ["/bin/true"]), pod)
     ours = {v["name"] for v in cri_node.views()} - before
     assert len(ours) == 1, f"the container's view: {cri_node.views()}"
-    cri_node.remove_pod(pod_id)
+    cri_node.cri.start_container(container_id)
+    assert cri_node.cri.wait_container_exited(container_id, timeout=POLL_TIMEOUT).exit_code == 0
+    cri_node.remove_pod(pod_id)  # removes the container too
     cri_node.cri.remove_image(ref)  # CRI deletes the last reference synchronously: containerd collects at once
     poll("the container's view leaves the daemon", lambda: not ours & {v["name"] for v in cri_node.views()},
          timeout=30)

@@ -2,7 +2,7 @@
 
 Only translation lives here: requests -> calls, Snapshot -> Info, our errors -> gRPC status codes
 (containerd maps those back onto its errdefs: NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION ...).
-The namespace comes from the gRPC metadata "containerd-namespace" ("" when absent).
+Every call is in namespace "" (see namespace_of).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ _CODES = {
 
 
 def namespace_of(context: grpc.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == NAMESPACE_HEADER:
-            return value
+    # One key space, whatever the header says: containerd's metadata layer already puts the namespace
+    # into every key ("k8s.io/9/ID"), CRI's calls carry a NAMESPACE_HEADER but its garbage collector's
+    # List and Remove carry none, so keying by the header hid CRI's snapshots from the collector.
+    del context
     return ""
 
 
