@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["chunk_size.py", "lookup.py", "convert.py", "mount.py", "snapshotter.py"]
+BENCHES = ["chunk_size.py", "lookup.py", "convert.py", "mount.py", "snapshotter.py", "p2p.py"]
 
 if __name__ == "__main__":
     failed = []
