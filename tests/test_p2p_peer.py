@@ -11,6 +11,7 @@ import pytest
 import requests
 import trio
 from test_chunkcache import Blob, flip_byte
+from test_supernode import env  # noqa: F401  (a fixture)
 
 from dadi.node.chunkcache import ChunkCache
 from dadi.p2p import peer
@@ -124,3 +125,18 @@ def test_p2p_listen_in_the_daemon_config(tmp_path):
     path.write_text("p2p_listen = 8901\n")
     with pytest.raises(DadiError, match=r"daemon.toml: p2p_listen must be \"HOST:PORT\""):
         load_config(path)
+
+
+def test_a_supernode_without_peers_never_makes_a_request_wait_or_redirects(registry, tmp_path, env):  # noqa: F811
+    from conftest import pseudo_random
+    from test_supernode import Supernode, push_blob
+
+    data = pseudo_random("no peers", 3 << 20)
+    digest = push_blob(registry, data)
+    with Supernode(tmp_path, registry.host, tmp_path / "cache") as supernode:
+        for _ in range(5):  # hot, and served whole each time: seeds, were these nodes peers
+            answer = supernode.get(digest, "bytes=0-1048575")
+            assert answer.status_code == 206 and answer.content == data[:1 << 20]
+        assert supernode.metric("dadi_supernode_held_requests_total") == 0
+        assert supernode.metric("dadi_supernode_redirects_total", result="peer") == 0
+        assert supernode.metric("dadi_supernode_redirects_total", result="no_peer") == 4

@@ -239,11 +239,11 @@ class PeerApp:
         out = [(b"content-type", b"application/octet-stream"), (b"content-length", str(len(data)).encode()),
                (b"content-range", f"bytes {start}-{end - 1}/{layer.size}".encode()),
                (b"docker-content-digest", digest.encode())]
-        await send({"type": "http.response.start", "status": 206, "headers": out})
         body = b"" if scope["method"] == "HEAD" else data
-        await send({"type": "http.response.body", "body": body, "more_body": False})
-        self.stats.uploads += 1
+        self.stats.uploads += 1  # counted before it goes out: a requester that has it sees it counted
         self.stats.sent_bytes += len(body)
+        await send({"type": "http.response.start", "status": 206, "headers": out})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _reply(send: Callable[[dict], Awaitable[None]], status: int, body: dict,

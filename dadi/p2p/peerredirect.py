@@ -87,12 +87,14 @@ class TrackerRedirector:
             self.tracker.report(peer, reason, now)
             self.metrics.peer_reports.labels(reason).inc()
             (log.warning if reason == CORRUPT else log.info)("a node at %s reports peer %s %s", client, peer, reason)
+        port = headers.get(PEER_PORT_HEADER, "")
+        # A node that serves peers: what it gets here it will announce, so it can seed a hot piece.
+        requester = peer_url(client, int(port)) if port.isdigit() else None
         if headers.get(NO_REDIRECT_HEADER) == "1":
             self.metrics.redirects.labels("declined").inc()
-            self.policy.served(digest, start, end + 1, now)
+            if requester is not None:
+                self.policy.served(digest, start, end + 1, now)
             return None
-        port = headers.get(PEER_PORT_HEADER, "")
-        requester = peer_url(client, int(port)) if port.isdigit() else None
         decision = self.policy.decide(digest, start, end + 1, now, self._rng, requester=requester)
         if decision.reason == "hold":  # seeds are being served: wait for one of them to announce it
             give_up = now + HOLD_SECONDS
@@ -102,7 +104,8 @@ class TrackerRedirector:
             self.metrics.held.labels("peer" if decision.peer else "timeout").inc()
         self.metrics.redirects.labels(decision.reason).inc()
         if decision.peer is None:
-            self.policy.served(digest, start, end + 1, self._clock())
+            if requester is not None:
+                self.policy.served(digest, start, end + 1, self._clock())
             return None
         ticket = make_ticket(peer_key(self._secret, decision.peer), digest, self._wall() + TICKET_SECONDS)
         return f"{decision.peer}/v2/{quote(repository)}/blobs/{digest}?{TICKET_PARAM}={ticket}"

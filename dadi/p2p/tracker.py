@@ -29,8 +29,9 @@ The policy, and why:
 - **Never to itself**: a requester is never redirected to its own peer address.
 - **Seeds and holding** (RedirectPolicy): nodes that start together ask for the same piece within
   milliseconds, before anyone holds it, so a hot piece would still go out from the supernode to all of
-  them. Instead the supernode sends it itself to SEED_COPIES nodes (per SEED_WINDOW) whose requests
-  cover most of it (SEED_COVERAGE: they will hold it whole once served, and announce it); a later
+  them. Instead the supernode sends it itself to SEED_COPIES nodes (per SEED_WINDOW) that serve peers
+  and whose requests cover most of it (SEED_COVERAGE: they will hold it whole once served, and announce
+  it; the caller reports only such requests to `served`); a later
   request for it waits up to HOLD_SECONDS for one of them to announce it and is then redirected, or
   served by the supernode if none did. A request for a small part of a piece (a sparse on-demand read)
   makes no seed, so it never waits for one.
