@@ -12,8 +12,10 @@ driven with the simulation's clock and a seeded Random), and the node's trace pr
   runs for `--run-seconds` (the benchmark's start from a local layout). Its start time is when that ends.
 - A request goes to the node's supernode for the piece (rendezvous over its data centre's supernodes).
   The supernode asks RedirectPolicy.decide: a redirect costs the node a round trip and sends it to a
-  peer; otherwise the supernode serves the piece, from its cache or after one registry fetch shared by
-  everyone waiting (single-flight). A node that got a piece announces it after `--announce-delay`.
+  peer; "hold" makes the request ask again (RedirectPolicy.retry) every HOLD_POLL for up to HOLD_SECONDS
+  while the piece's seeds get it; otherwise the supernode serves the piece (RedirectPolicy.served), from
+  its cache or after one registry fetch shared by everyone waiting (single-flight). A node that got a
+  piece announces it after `--announce-delay`.
 - Uplinks are FIFO servers: a transfer waits for the sender's uplink, then takes size / the slower of
   the sender's uplink and the receiver's downlink; latency is half a round trip each way. A node takes
   at most TRACE_WORKERS pieces at once, so its downlink is not queued. There is no TCP ramp-up, loss
@@ -46,9 +48,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools" / "bench"))
 
 from dadi.node.prefetch import TRACE_WORKERS  # noqa: E402
+from dadi.p2p.announce import CHECK_INTERVAL  # noqa: E402
 from dadi.p2p.piececache import PIECE_SIZE  # noqa: E402
 from dadi.p2p.sources import DEFAULT_COOLDOWN, piece_key, rendezvous_order  # noqa: E402
-from dadi.p2p.tracker import HotPieces, RedirectPolicy, Tracker  # noqa: E402
+from dadi.p2p.tracker import HOLD_POLL, HOLD_SECONDS, Decision, RedirectPolicy, Tracker  # noqa: E402
 
 DIGEST = "sha256:" + "5" * 64  # the simulated image's layer (one blob: pieces are per blob anyway)
 GBIT = 1e9 / 8
@@ -103,7 +106,7 @@ class Simulation:
             policy_args = dict(fanout=args.fanout) if args.fanout else {}
             self.dcs.append([
                 Supernode(f"sn{dc}-{i}", Link(args.supernode_gbit * GBIT), Link(args.supernode_gbit * GBIT), dc,
-                          policy=RedirectPolicy(Tracker(**policy_args), HotPieces()))
+                          policy=RedirectPolicy(Tracker(**policy_args)))
                 for i in range(args.supernodes_per_dc)
             ])
         self.nodes = [
@@ -112,9 +115,11 @@ class Simulation:
             for n in range(args.nodes)
         ]
         self.by_name = {node.name: node for node in self.nodes}
+        self.supernodes = {s.name: s for dc in self.dcs for s in dc}
         self.start_pieces = self._start_pieces()
         self.peer_bytes = 0
         self.redirects = 0
+        self.holds = 0  # retries of requests told to wait for a seed to announce the piece
         self.failovers = 0
         killed = 0
         for i in range(args.supernodes_per_dc):
@@ -190,36 +195,59 @@ class Simulation:
                 node.avoid_until[name] = when + DEFAULT_COOLDOWN
                 self.failovers += 1
                 continue
-            done = self._through_supernode(node, supernode, piece, when + rtt / 2)
-            self.at(done, "got", node.name, piece)
+            self.at(when + rtt / 2, "arrive", node.name, supernode.name, piece)
             return
         done = self._transfer(self.registry, node, PIECE_SIZE, when + self.args.registry_rtt / 2,
                               self.args.registry_rtt)
         self.at(done, "got", node.name, piece)
 
-    def _through_supernode(self, node: Node, supernode: Supernode, piece: int, arrival: float) -> float:
-        rtt = self.args.dc_rtt
+    def _on_arrive(self, name: str, supernode_name: str, piece: int) -> None:
+        """A node's request for a piece reaches its supernode, which redirects, holds or serves it."""
+        node, supernode = self.by_name[name], self.supernodes[supernode_name]
         start, end = piece * PIECE_SIZE, (piece + 1) * PIECE_SIZE
-        decision = supernode.policy.decide(DIGEST, start, end, arrival, self.rng, requester=node.name)
+        decision = supernode.policy.decide(DIGEST, start, end, self.now, self.rng, requester=name)
+        self._follow(node, supernode, piece, decision, self.now + HOLD_SECONDS)
+
+    def _on_retry(self, name: str, supernode_name: str, piece: int, hold_until: float) -> None:
+        node, supernode = self.by_name[name], self.supernodes[supernode_name]
+        start, end = piece * PIECE_SIZE, (piece + 1) * PIECE_SIZE
+        decision = supernode.policy.retry(DIGEST, start, end, self.now, self.rng, requester=name)
+        if decision.peer is None and self.now + HOLD_POLL <= hold_until:
+            decision = Decision(None, "hold")
+        self._follow(node, supernode, piece, decision, hold_until)
+
+    def _follow(self, node: Node, supernode: Supernode, piece: int, decision: Decision, hold_until: float) -> None:
+        rtt = self.args.dc_rtt
         if decision.peer is not None:
             self.redirects += 1
             peer = self.by_name[decision.peer]
-            done = self._transfer(peer, node, PIECE_SIZE, arrival + rtt, rtt)  # 307 back, then ask the peer
+            done = self._transfer(peer, node, PIECE_SIZE, self.now + rtt, rtt)  # 307 back, then ask the peer
             self.peer_bytes += PIECE_SIZE
-            return done
-        if piece in supernode.cache:
-            ready = arrival
-        elif piece in supernode.pending:
-            ready = supernode.pending[piece]  # single-flight: wait for the fetch in progress
+        elif decision.reason == "hold" and self.now + HOLD_POLL <= hold_until:
+            self.holds += 1
+            self.at(self.now + HOLD_POLL, "retry", node.name, supernode.name, piece, hold_until)
+            return
         else:
-            ready = self._transfer(self.registry, supernode, PIECE_SIZE, arrival + self.args.registry_rtt / 2,
+            done = self._serve(supernode, node, piece)
+        self.at(done, "got", node.name, piece)
+
+    def _serve(self, supernode: Supernode, node: Node, piece: int) -> float:
+        """The supernode sends the piece itself: from its cache, or after one registry fetch shared by
+        every request that waits for it (single-flight)."""
+        supernode.policy.served(DIGEST, piece * PIECE_SIZE, (piece + 1) * PIECE_SIZE, self.now)
+        if piece in supernode.cache:
+            ready = self.now
+        elif piece in supernode.pending:
+            ready = supernode.pending[piece]
+        else:
+            ready = self._transfer(self.registry, supernode, PIECE_SIZE, self.now + self.args.registry_rtt / 2,
                                    self.args.registry_rtt)
             supernode.pending[piece] = ready
             self.at(ready, "cached", supernode.name, piece)
-        return self._transfer(supernode, node, PIECE_SIZE, max(arrival, ready), rtt)
+        return self._transfer(supernode, node, PIECE_SIZE, max(self.now, ready), self.args.dc_rtt)
 
     def _on_cached(self, name: str, piece: int) -> None:
-        supernode = next(s for dc in self.dcs for s in dc if s.name == name)
+        supernode = self.supernodes[name]
         supernode.cache.add(piece)
         supernode.pending.pop(piece, None)
 
@@ -247,7 +275,7 @@ class Simulation:
             "registry_egress_bytes": self.registry.up.sent,
             "registry_egress_per_node_need": self.registry.up.sent / one_node,
             "supernode_sent_bytes": supernode_sent, "peer_sent_bytes": self.peer_bytes,
-            "redirects": self.redirects, "failovers": self.failovers,
+            "redirects": self.redirects, "holds": self.holds, "failovers": self.failovers,
             "start_seconds": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": starts[-1],
                               "mean": statistics.fmean(starts)},
             "last_ready_seconds": max(node.ready_at for node in self.nodes),
@@ -269,7 +297,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--registry-gbit", type=float, default=10.0, help="the registry's total egress")
     parser.add_argument("--dc-rtt", type=float, default=0.0005, help="round trip inside a data centre, s")
     parser.add_argument("--registry-rtt", type=float, default=0.03, help="round trip to the registry, s")
-    parser.add_argument("--announce-delay", type=float, default=0.05, help="piece landed -> tracker knows, s")
+    parser.add_argument("--announce-delay", type=float, default=CHECK_INTERVAL,
+                        help="piece landed -> tracker knows, s (default: the daemon's announce interval)")
     parser.add_argument("--start-spread", type=float, default=0.0, help="nodes start uniformly over this, s")
     parser.add_argument("--fanout", type=int, default=0, help="override the tracker's PEER_FANOUT (0: the code's)")
     parser.add_argument("--kill-supernodes", type=int, default=0)
