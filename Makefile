@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMPS := .cache/stamps
 APT_PACKAGES := e2fsprogs fuse3 libfuse3-dev pkg-config docker-registry umoci skopeo \
 	debootstrap busybox-static apache2-utils zstd gcc python3-dev util-linux \
-	containerd runc
+	containerd runc iproute2
 
 .PHONY: install apt venv native test test-fast demo bench lint clean
 
