@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,18 @@ def fsck_clean(disk: Path) -> str:
     result = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True)
     assert result.returncode == 0, f"e2fsck -fn {disk} exit {result.returncode}:\n{result.stdout}{result.stderr}"
     return result.stdout
+
+
+def poll(what: str, check, timeout: float = 60.0, interval: float = 0.1):
+    """check()'s first true value; fails the test, naming `what`, when none comes within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s")
+        time.sleep(interval)
 
 
 def dadi_cli(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -17,12 +17,11 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import dadi_cli
+from conftest import dadi_cli, poll
 from imagebuilder import OCILayoutBuilder, TarBuilder
 
 from dadi.cri import CriClient, CriError, container_config, host_network_pod, read_cri_log
@@ -185,17 +184,6 @@ def _answers(cri: CriClient) -> bool:
         return cri.version().runtime_api_version == "v1"
     except CriError:
         return False
-
-
-def poll(what: str, check, timeout: float = POLL_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.1)  # poll interval
 
 
 @pytest.fixture(scope="module")

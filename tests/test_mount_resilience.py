@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import dadi_cli
+from conftest import dadi_cli, poll
 from corrupting_proxy import CorruptingProxy
 from mounthelpers import loop_backing_file, mount, record_mount, stats, wait_gone
 
@@ -224,18 +224,6 @@ def sha256_file(path: Path) -> str:
 # --- the daemon ----------------------------------------------------------------------------------------
 
 
-def poll(condition, what: str, timeout: float = DEADLINE, interval: float = 0.1):
-    """condition()'s first true value; fails the test with `what` when none comes within `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:.0f}s")
-        time.sleep(interval)
-
-
 def sigkill_daemon(root: Path) -> int:
     pid = request(root, {"op": "ping"})["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -260,7 +248,7 @@ def wait_until_fuse_is_dead(root: Path) -> None:
         except OSError as e:
             return e.errno == errno.ENOTCONN
         return False
-    poll(dead, "ROOT/fs answering ENOTCONN after the daemon was killed")
+    poll("ROOT/fs answering ENOTCONN after the daemon was killed", dead, timeout=DEADLINE)
 
 
 def restart_daemon(root: Path) -> int:
@@ -312,8 +300,8 @@ def test_a_daemon_killed_mid_prefetch_leaves_a_consistent_cache_and_mounts_again
 
     def partly_recorded(present_by_layer: list[int]) -> bool:
         return any(0 < n < len(layer.tables.chunks) for n, layer in zip(present_by_layer, layers, strict=True))
-    poll(lambda: partly_recorded([len(cached_chunks(node, layer)[0]) for layer in layers]),
-         "prefetch recording part of a layer on disk")
+    poll("prefetch recording part of a layer on disk",
+         lambda: partly_recorded([len(cached_chunks(node, layer)[0]) for layer in layers]), timeout=DEADLINE)
     sigkill_daemon(node)
 
     # What the user sees first: the mount is dead, and reads of it fail rather than hang.
@@ -330,8 +318,8 @@ def test_a_daemon_killed_mid_prefetch_leaves_a_consistent_cache_and_mounts_again
     # The daemon starts again (as `dadi mount` starts it) and knows the view it had, with its dead mount.
     wait_until_fuse_is_dead(node)
     restart_daemon(node)
-    restored = poll(lambda: [v for v in views(node) if v["name"] == first["name"]],
-                    "the restarted daemon listing the view it had before the SIGKILL")
+    restored = poll("the restarted daemon listing the view it had before the SIGKILL",
+                    lambda: [v for v in views(node) if v["name"] == first["name"]], timeout=DEADLINE)
     assert restored[0]["mountpoint"] == str(mnt.resolve())
     dadi_cli("umount", "--force", str(mnt), "--root", str(node))
     assert not os.path.ismount(mnt), "dadi umount --force left the dead mount in place"

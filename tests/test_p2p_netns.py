@@ -15,12 +15,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, dadi_cli
+from conftest import REPO, dadi_cli, poll
 from netns_helpers import (
     FILE_SIZE,
     FILES,
@@ -71,7 +70,7 @@ def fake_peer(tmp_path: Path, net: Topology, digest: str, mode: str):
             netns_cmd(net.node_ns[-1], [sys.executable, str(REPO / "tests" / "lying_peer.py"), net.supernode_url,
                                         str(PEER_PORT), digest, "16", mode]), stdout=log, stderr=log)
     try:
-        _wait(lambda: "announced" in log_path.read_text(), f"the {mode} peer announced")
+        poll(f"the {mode} peer announced", lambda: "announced" in log_path.read_text())
         yield log_path
     finally:
         process.kill()
@@ -151,8 +150,8 @@ def test_corrupt_peers_are_caught_and_no_bad_byte_reaches_a_reader_and_the_cache
             a.read_all()
             held = a.wait_prefetch()
             digest = _layer_digest(a)
-            _wait(lambda: a.stats()["peers"]["served"]["pieces_announced"] >= held["bytes_total"] // MiB,
-                  "node 0 announced every piece")
+            poll("node 0 announced every piece",
+                 lambda: a.stats()["peers"]["served"]["pieces_announced"] >= held["bytes_total"] // MiB)
             # Peer A's disk rots after verification: a byte in the middle of every MiB of its cached blob.
             data_file = a.root / "cache" / "blobs" / digest.split(":")[1] / "data"
             with open(data_file, "r+b") as f:
@@ -178,8 +177,8 @@ def test_corrupt_peers_are_caught_and_no_bad_byte_reaches_a_reader_and_the_cache
                 stats_c = c.stats()
                 assert re.search(r"served \d+", liar_log.read_text()), "the liar was never asked"
                 assert stats_c["peers"]["corrupt_chunks"] > 0 and stats_c["read_errors"] == 0
-                _wait(lambda: supernode.metric("dadi_supernode_peer_reports_total", reason="corrupt") > 0,
-                      "node 2 reported the liar to the supernode")
+                poll("node 2 reported the liar to the supernode",
+                     lambda: supernode.metric("dadi_supernode_peer_reports_total", reason="corrupt") > 0)
             usage = disk_usage(tmp_path / "sn-cache")
         finally:
             for node in (a, b, c):
@@ -213,7 +212,7 @@ def test_a_node_without_credentials_gets_nothing_from_the_supernode_or_from_peer
             holder.read_all()
             holder.wait_prefetch()
             digest = _layer_digest(holder)
-            _wait(lambda: supernode.metric("dadi_supernode_tracked_pieces") > 0, "the holder announced")
+            poll("the holder announced", lambda: supernode.metric("dadi_supernode_tracked_pieces") > 0)
             sent_before = supernode.metric("dadi_supernode_sent_bytes_total")
             failed = stranger.mount(ref, *stranger.p2p_args(None), check=False)
             assert failed.returncode != 0 and "401" in failed.stderr, failed.stderr
@@ -268,12 +267,3 @@ def _scrape(url: str) -> dict[str, float]:
         for sample in family.samples:
             out[sample.name] = out.get(sample.name, 0) + sample.value
     return out
-
-
-def _wait(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.1)  # a poll interval
-

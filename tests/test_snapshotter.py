@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import dadi_cli
+from conftest import dadi_cli, poll
 
 from dadi.errors import DadiError
 from dadi.image import mediatypes as mt
@@ -229,17 +229,6 @@ def daemon_views(ctd) -> list[dict]:
     if not (ctd.daemon_root / "control.sock").exists():
         return []
     return json.loads(dadi_cli("ls", "--root", str(ctd.daemon_root), "--json").stdout)
-
-
-def poll(what: str, check, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.2)  # poll interval
 
 
 @pytest.mark.needs_root

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, dadi_cli, pseudo_random
+from conftest import REPO, dadi_cli, poll, pseudo_random
 from forward_proxy import ForwardProxy
 from prometheus_client.parser import text_string_to_metric_families
 from registry_server import RegistryServer
@@ -140,17 +140,6 @@ def disk_usage(root: Path) -> int:
     return total
 
 
-def wait_for(predicate, what: str, deadline: float = 30.0):
-    end = time.monotonic() + deadline
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     """This test process, too, has no credentials but the ones a test hands out."""
@@ -211,7 +200,7 @@ def test_ranges_are_the_registrys_bytes_and_metrics_count_what_was_sent(registry
         assert sn.metric("dadi_supernode_bytes_total", source="registry") == size
         assert sn.metric("dadi_supernode_piece_hits_total") > 0
         # All its pieces arrived: the blob is checked against its digest (in the background).
-        wait_for(lambda: sn.metric("dadi_supernode_verified_blobs_total") == 1, "the blob's verification")
+        poll("the blob's verification", lambda: sn.metric("dadi_supernode_verified_blobs_total") == 1)
         assert sn.stop(signal.SIGINT) == 0
     assert "stopped" in sn.log()
 
@@ -238,8 +227,8 @@ def test_concurrent_requests_for_one_piece_leave_the_registry_once(registry, tmp
         try:
             # The first request's fetch is held at the proxy; the others must all be waiting on it.
             assert proxy.held.acquire(timeout=30)
-            wait_for(lambda: sn.metric("dadi_supernode_singleflight_waits_total") == nodes - 1,
-                     "every other request to wait for the one registry fetch")
+            poll("every other request to wait for the one registry fetch",
+                 lambda: sn.metric("dadi_supernode_singleflight_waits_total") == nodes - 1)
         finally:
             proxy.hold.set()
             for t in threads:
