@@ -24,7 +24,9 @@ from dadi.p2p.tracker import (
     HOT_REQUESTS,
     HOT_WINDOW,
     PEER_FANOUT,
+    SAMPLE,
     HotPieces,
+    PeerState,
     RedirectPolicy,
     Tracker,
     lease_seconds,
@@ -131,6 +133,92 @@ def test_failing_peers_cool_down_and_corrupt_ones_are_banned():
     assert not tracker.announce("http://liar:1", 50.0, add={D: [0]})  # still banned: its announce ignored
     assert tracker.holders(D, range(0, 1), 50.0) == ["http://slow:1"]
     assert tracker.announce("http://liar:1", 102.0, add={D: [0]})
+
+
+def _crowd(n: int, now: float = 0.0, piece: int = 0, **tracker_args) -> tuple[Tracker, list[str]]:
+    """A tracker where `n` peers announced `piece` of D at `now`."""
+    tracker = Tracker(**tracker_args)
+    peers = [f"http://10.0.{i // 250}.{i % 250}:1" for i in range(n)]
+    for peer in peers:
+        tracker.announce(peer, now, add={D: [piece]})
+    return tracker, peers
+
+
+def test_with_thousands_of_holders_a_choice_looks_at_a_bounded_sample(monkeypatch):
+    tracker, peers = _crowd(5000)
+    looked = []
+    load = PeerState.load
+    monkeypatch.setattr(PeerState, "load", lambda state, now: looked.append(state) or load(state, now))
+    rng = random.Random(1)
+    assert tracker.choose(D, 0, MiB, 1.0, rng) in peers
+    assert len(looked) <= SAMPLE + 1  # the sample, and the chosen peer once more if that was its last slot
+    # Drawn from all of them, the least loaded of the sample: 100 requests go to 100 different peers.
+    assert len({tracker.choose(D, 0, MiB, 1.0, rng) for _ in range(100)} - {None}) == 100
+
+
+def test_every_free_slot_among_thousands_of_holders_is_found_and_no_more():
+    tracker, peers = _crowd(5000)
+    rng = random.Random(4)
+    chosen = [tracker.choose(D, 0, MiB, 1.0, rng) for _ in range(len(peers) * PEER_FANOUT)]
+    # The last ones were found when a single holder (then none but one slot) was left among 5,000 busy.
+    assert None not in chosen
+    assert sorted(set(chosen)) == sorted(peers) and all(chosen.count(p) == PEER_FANOUT for p in peers[:50])
+    assert tracker.choose(D, 0, MiB, 1.0, rng) is None  # every slot taken: the supernode serves
+    assert tracker.choose(D, 0, MiB, 1.0 + lease_seconds(MiB) + 0.001, rng) in peers  # and freed again
+
+
+def test_the_only_holder_with_a_free_slot_is_found_among_thousands_of_busy_ones():
+    tracker, peers = _crowd(5000, fanout=1)
+    rng = random.Random(5)
+    free = peers[1234]
+    busy = [peer for peer in peers if peer != free]
+    for i, peer in enumerate(busy, 1):  # each also holds a piece of its own, and serves it
+        tracker.announce(peer, 0.5, add={D: [i]})
+        assert tracker.choose(D, i * MiB, (i + 1) * MiB, 1.0, rng) == peer
+    assert tracker.choose(D, 0, MiB, 1.0, rng, exclude=free) is None  # the requester itself: never
+    assert tracker.choose(D, 0, MiB, 1.0, rng) == free
+    assert tracker.choose(D, 0, MiB, 1.0, rng) is None
+
+
+def test_penalised_and_expired_holders_are_never_chosen_among_thousands():
+    tracker, peers = _crowd(5000, ttl=30.0, failure_cooldown=10.0, corrupt_ban=100.0)
+    live = peers[:1000]
+    for peer in live:  # renewed: the other 4,000 announced at 0 and run out at 30
+        tracker.announce(peer, 20.0, add={D: [0]})
+    failed, corrupt, ok = live[:300], live[300:600], live[600:]
+    for peer in failed:
+        tracker.report(peer, FAILED, 29.0)
+    for peer in corrupt:
+        tracker.report(peer, CORRUPT, 29.0)
+    rng = random.Random(6)
+    chosen = [tracker.choose(D, 0, MiB, 31.0, rng) for _ in range(len(ok) * PEER_FANOUT + 1)]
+    assert chosen[-1] is None and set(chosen[:-1]) == set(ok)
+    # Once the cooldown is over (and the slots are free) the peers reported failing are chosen again.
+    chosen = [tracker.choose(D, 0, MiB, 39.5, rng) for _ in range((len(ok) + len(failed)) * PEER_FANOUT + 1)]
+    assert chosen[-1] is None and set(chosen[:-1]) == set(ok) | set(failed)
+    # An expired peer that announces again is back; expire() still forgets the ones that did not.
+    tracker.announce(peers[-1], 39.52, add={D: [0]})  # while every other slot is still taken
+    assert tracker.choose(D, 0, MiB, 39.52, rng) == peers[-1]
+    assert len(tracker.expire(40.0)) == 3999
+
+
+def test_a_range_across_pieces_goes_to_a_holder_of_both():
+    tracker, peers = _crowd(5000, piece=1)
+    both = [f"http://both{i}:1" for i in range(SAMPLE // 2)]  # the rarest piece's holders: all looked at
+    for peer in both:
+        tracker.announce(peer, 0.0, add={D: [0, 1]})
+    rng = random.Random(8)
+    chosen = [tracker.choose(D, MiB - 10, MiB + 10, 1.0, rng) for _ in range(len(both) * PEER_FANOUT + 1)]
+    assert sorted(chosen[:-1]) == sorted(both * PEER_FANOUT) and chosen[-1] is None
+
+
+def test_choice_among_thousands_is_reproducible_with_a_seed():
+    def run(seed):
+        tracker, _ = _crowd(3000)
+        rng = random.Random(seed)
+        return [tracker.choose(D, 0, MiB, 1.0 + i * 0.01, rng) for i in range(2000)]
+
+    assert run(9) == run(9) and run(9) != run(10)
 
 
 def test_announce_body_round_trip_and_bad_bodies_are_named():

@@ -20,7 +20,12 @@ The policy, and why:
   bounded number of nodes at once, and the nodes it fed become sources for the next ones: the load
   spreads as a tree whose width grows with every round, instead of a star on the first holder.
 - **Choice**: among the live holders of every piece the range spans with a free slot, the least loaded
-  (fewest slots taken); ties broken by the Random passed in, so load spreads over equals.
+  (fewest slots taken) of up to SAMPLE of them drawn by the Random passed in (all of them when there
+  are no more); ties broken by the same Random, so load spreads over equals. The tracker keeps, per
+  piece, the holders that could take a redirect now (live, not penalised, a free slot): a request looks
+  at SAMPLE of them, not at every holder, so its cost does not grow with the number of nodes. A peer
+  moves in or out of those sets when its state changes (a slot taken or freed at the edge of its
+  fan-out, a report, an announce, expiry): that costs the pieces it announced, once per change.
 - **Liveness**: an announce is valid for ANNOUNCE_TTL seconds (peers re-announce every
   ANNOUNCE_INTERVAL, so two lost announces are forgiven); a peer that stopped announcing expires with
   all its pieces. A node that was redirected and found the peer failing reports it: the peer is passed
@@ -39,6 +44,8 @@ The policy, and why:
 
 from __future__ import annotations
 
+import heapq
+import math
 import random
 from collections import deque
 from collections.abc import Iterable
@@ -61,6 +68,12 @@ SEED_COVERAGE = 0.75  # share of a piece a request must cover to make its reques
 HOLD_SECONDS = 0.2  # how long a request for a seeded piece waits for a seed to announce it
 HOLD_POLL = 0.01  # seconds between looks for a holder while a request waits
 MAX_HOT_KEYS = 1 << 16  # pieces whose recent requests are remembered: a bound on the tracker's memory
+# Holders with a free slot a request looks at (Tracker.choose). Every one of them can take the redirect;
+# the sample only decides how close to the least loaded the choice is. Slots taken range over 0..
+# PEER_FANOUT-1, so when a quarter of the free holders have the fewest, 16 draws miss all of those with
+# probability (3/4)^16 = 1% (32 would make it 0.01% for twice the work); and when most holders are busy,
+# few are free and all of them are looked at. Either way a request costs 16 look-ups, not one per holder.
+SAMPLE = 16
 
 FAILED, CORRUPT = "failed", "corrupt"  # what a node reports about a peer
 
@@ -114,10 +127,48 @@ class PeerState:
     leases: list[float] = field(default_factory=list)  # end times of the redirects it is serving
     down_until: float = 0.0  # reported failing: passed over until then
     banned_until: float = 0.0  # reported corrupt: refused (announces ignored) until then
+    ready: bool = False  # in Tracker._ready of each piece it holds: could take a redirect when last looked
+    check_at: float = math.inf  # when Tracker._wake next looks at it (its state may change with time)
 
     def load(self, now: float) -> int:
         self.leases = [end for end in self.leases if end > now]
         return len(self.leases)
+
+
+class _Pool:
+    """A set that can also be sampled in O(k): the members in a list (removal swaps in the last one) and
+    their positions in a dict. The list's order depends only on the order of the calls, so a sample
+    drawn with a seeded Random is reproducible (a set of strings iterates in a per-process order)."""
+
+    def __init__(self) -> None:
+        self._items: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, item: str) -> bool:
+        return item in self._index
+
+    def add(self, item: str) -> None:
+        if item not in self._index:
+            self._index[item] = len(self._items)
+            self._items.append(item)
+
+    def discard(self, item: str) -> None:
+        i = self._index.pop(item, None)
+        if i is None:
+            return
+        last = self._items.pop()
+        if i < len(self._items):
+            self._items[i] = last
+            self._index[last] = i
+
+    def sample(self, k: int, rng: random.Random) -> list[str]:
+        """Up to `k` members without repeats: all of them when there are no more than `k`."""
+        if len(self._items) <= k:
+            return list(self._items)
+        return rng.sample(self._items, k)  # picks k indices: O(k), whatever the size
 
 
 class Tracker:
@@ -131,6 +182,14 @@ class Tracker:
         self.corrupt_ban = corrupt_ban
         self.peers: dict[str, PeerState] = {}
         self._holders: dict[tuple[str, int], set[str]] = {}  # (digest, piece) -> peers
+        # (digest, piece) -> the holders that could take a redirect (live, not penalised, a free slot),
+        # kept up to date as peers change state so that choose() samples it instead of scanning holders.
+        self._ready: dict[tuple[str, int], _Pool] = {}
+        # (time, sequence, peer): when a peer's state may change by itself (an announce runs out, a
+        # cooldown ends, a slot frees up at full fan-out). Entries are superseded, not removed: only the
+        # one at the peer's `check_at` counts. The sequence keeps the order reproducible.
+        self._wakes: list[tuple[float, int, str]] = []
+        self._seq = 0
 
     # --- what peers say ------------------------------------------------------------------------------
 
@@ -142,6 +201,7 @@ class Tracker:
         state = self.peers.get(peer)
         if state is not None and state.banned_until > now:
             return False
+        self._wake(now)
         if state is None:
             state = self.peers[peer] = PeerState(expires=now + self.ttl)
         state.expires = now + self.ttl
@@ -160,6 +220,9 @@ class Tracker:
             for piece in pieces:
                 held.add(piece)
                 self._holders.setdefault((digest, piece), set()).add(peer)
+                if state.ready:
+                    self._ready.setdefault((digest, piece), _Pool()).add(peer)
+        self._refresh(peer, state, now)  # renewed: an expired peer is ready again
         return True
 
     def leave(self, peer: str) -> None:
@@ -181,6 +244,7 @@ class Tracker:
             state.expires = max(state.expires, state.banned_until)  # kept so that the ban is remembered
         else:
             state.down_until = now + self.failure_cooldown
+        self._refresh(peer, state, now)
 
     def expire(self, now: float) -> list[str]:
         """Forget peers whose announce ran out (and whose ban, if any, is over); their URLs."""
@@ -192,7 +256,8 @@ class Tracker:
     # --- where a range goes --------------------------------------------------------------------------
 
     def holders(self, digest: str, pieces: range, now: float) -> list[str]:
-        """Live peers, not banned or cooling down, that announced every piece of `pieces`."""
+        """Live peers, not banned or cooling down, that announced every piece of `pieces` (all of them,
+        sorted: a listing for tests and diagnostics; choose() does not scan it)."""
         found: set[str] | None = None
         for piece in pieces:
             peers = self._holders.get((digest, piece), set())
@@ -208,19 +273,36 @@ class Tracker:
     def choose(self, digest: str, start: int, end: int, now: float, rng: random.Random, *,
                exclude: str | None = None, piece_size: int = PIECE_SIZE) -> str | None:
         """A peer for blob bytes [start, end) (end exclusive), holding a fan-out slot for it; None when
-        no live holder has a free slot."""
+        no live holder has a free slot. `now` must not go back between calls.
+
+        The candidates are up to SAMPLE holders with a free slot of the piece that has the fewest. For a
+        range within one piece (a node's whole-piece and chunk requests) that finds a peer whenever one
+        has a free slot: with more than SAMPLE such holders at least SAMPLE - 1 of those drawn are not
+        `exclude`. A range across pieces is sent to a drawn holder of the rarest that also holds the
+        others; when none of SAMPLE does, the supernode serves it (as when nobody has a free slot)."""
+        self._wake(now)
+        pools = [self._ready.get((digest, piece)) for piece in pieces_spanning(start, end, piece_size)]
+        if not pools or not all(pools):  # an empty range, or a piece nobody ready holds
+            return None
+        rarest = min(pools, key=len)
         candidates = []
-        for peer in self.holders(digest, pieces_spanning(start, end, piece_size), now):
-            if peer == exclude:
+        for peer in rarest.sample(SAMPLE, rng):
+            if peer == exclude or not all(peer in pool for pool in pools):
                 continue
-            load = self.peers[peer].load(now)
-            if load < self.fanout:
+            state = self.peers[peer]
+            load = state.load(now)
+            if self._is_ready(state, now, load):
                 candidates.append((load, peer))
+            else:  # cannot happen while `now` goes forward; never hand out a peer that is not ready
+                self._refresh(peer, state, now)
         if not candidates:
             return None
         least = min(load for load, _ in candidates)
         peer = rng.choice([p for load, p in candidates if load == least])
-        self.peers[peer].leases.append(now + lease_seconds(end - start))
+        state = self.peers[peer]
+        state.leases.append(now + lease_seconds(end - start))
+        if least + 1 >= self.fanout:  # its last free slot: out of the pools until one frees up
+            self._refresh(peer, state, now)
         return peer
 
     def piece_count(self) -> int:
@@ -235,12 +317,56 @@ class Tracker:
             peers.discard(peer)
             if not peers:
                 del self._holders[(digest, piece)]
+        self._unready(digest, piece, peer)
+
+    def _unready(self, digest: str, piece: int, peer: str) -> None:
+        pool = self._ready.get((digest, piece))
+        if pool is not None:
+            pool.discard(peer)
+            if not pool:
+                del self._ready[(digest, piece)]
 
     def _drop_pieces(self, peer: str, state: PeerState) -> None:
         for digest, pieces in state.pieces.items():
             for piece in pieces:
                 self._unhold(digest, piece, peer)
         state.pieces = {}
+
+    def _is_ready(self, state: PeerState, now: float, load: int) -> bool:
+        """Could take a redirect: live, not cooling down or banned, a free slot."""
+        return state.expires > now and state.down_until <= now and state.banned_until <= now and load < self.fanout
+
+    def _refresh(self, peer: str, state: PeerState, now: float) -> None:
+        """Put the peer in or take it out of the ready pools of its pieces if its state changed, and
+        schedule the next look at it: when it may change by itself."""
+        load = state.load(now)
+        ready = self._is_ready(state, now, load)
+        if ready != state.ready:
+            state.ready = ready
+            for digest, pieces in state.pieces.items():
+                for piece in pieces:
+                    if ready:
+                        self._ready.setdefault((digest, piece), _Pool()).add(peer)
+                    else:
+                        self._unready(digest, piece, peer)
+        times = [t for t in (state.expires, state.down_until, state.banned_until) if t > now]
+        if load >= self.fanout:
+            times.append(min(state.leases))  # a slot frees up
+        when = min(times, default=math.inf)
+        if when < state.check_at or state.check_at <= now:  # else the earlier look is still due
+            state.check_at = when
+            if when < math.inf:
+                self._seq += 1
+                heapq.heappush(self._wakes, (when, self._seq, peer))
+
+    def _wake(self, now: float) -> None:
+        """Look again at the peers whose state may have changed by itself up to `now`."""
+        while self._wakes and self._wakes[0][0] <= now:
+            when, _, peer = heapq.heappop(self._wakes)
+            state = self.peers.get(peer)
+            if state is not None and state.check_at == when:
+                state.check_at = math.inf
+                self._refresh(peer, state, now)
 
 
 @dataclass(frozen=True)
