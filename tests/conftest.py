@@ -36,6 +36,15 @@ def busybox_image(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def busybox_rootfs(busybox_image, tmp_path_factory):
+    """`umoci unpack` of the busybox test image: what every mount of it must show."""
+    from images import umoci_unpack
+
+    layout, tag = busybox_image
+    return umoci_unpack(layout, tag, tmp_path_factory.mktemp("busybox-umoci") / "bundle")
+
+
+@pytest.fixture(scope="session")
 def debian_image(tmp_path_factory):
     from images import build_debian_image
 

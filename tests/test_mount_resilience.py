@@ -65,15 +65,6 @@ def image_layers(ref: str, *, plain_http: bool = False) -> list[Layer]:
         source.close()
 
 
-@pytest.fixture(scope="module")
-def busybox_rootfs(busybox_image, tmp_path_factory):
-    """`umoci unpack` of the busybox test image: what every mount must show."""
-    from images import umoci_unpack
-
-    layout, tag = busybox_image
-    return umoci_unpack(layout, tag, tmp_path_factory.mktemp("busybox-umoci") / "bundle")
-
-
 def push_busybox(busybox_image, registry, tmp_path, *extra: str) -> str:
     """Convert the busybox image into the registry; its docker:// reference."""
     layout, tag = busybox_image

@@ -30,12 +30,6 @@ needs_root_and_umoci = pytest.mark.skipif(
 pytestmark = needs_root_and_umoci
 
 
-@pytest.fixture(scope="module")
-def busybox_rootfs(busybox_image, tmp_path_factory) -> Path:
-    layout, tag = busybox_image
-    return images.umoci_unpack(layout, tag, tmp_path_factory.mktemp("unpack") / "bundle")
-
-
 def children(path: Path) -> set[str]:
     return {p.name for p in path.iterdir()}
 
