@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMPS := .cache/stamps
 APT_PACKAGES := e2fsprogs fuse3 libfuse3-dev pkg-config docker-registry umoci skopeo \
 	debootstrap busybox-static apache2-utils zstd gcc python3-dev util-linux \
-	containerd runc iproute2
+	containerd runc iproute2 liblz4-dev libxxhash-dev
 
 .PHONY: install apt venv native test test-fast demo bench lint clean
 
@@ -33,7 +33,7 @@ $(STAMPS)/venv: pyproject.toml setup.py
 
 # The C hot paths (dadi._native); rebuilt when their source changes.
 native: $(STAMPS)/native
-$(STAMPS)/native: native/dadi_native.c setup.py $(STAMPS)/venv
+$(STAMPS)/native: native/dadi_native.c native/dadi_fastfs.c setup.py $(STAMPS)/venv
 	@$(PY) setup.py -q build_ext --inplace >/dev/null
 	@touch $@
 

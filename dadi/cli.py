@@ -347,6 +347,9 @@ def stats_cmd(directory, root, as_json, wait_prefetch):
                    + (f"; trace: {stats['trace_chunks']} chunks" if stats["trace_chunks"] is not None else ""))
         click.echo(f"  reads {stats['reads']}, errors {stats['read_errors']}, io timeouts {stats['io_timeouts']}, "
                    f"corrupt chunks {stats['corrupt_chunks']}")
+        native = stats.get("native")
+        click.echo(f"  native read path: {native['reads_local']} reads from the local cache, {native['fallbacks']} "
+                   "passed to the Python path" if native else "  served by the Python read path")
 
     _run(work)
 

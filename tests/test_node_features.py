@@ -99,9 +99,11 @@ def test_gc_works_without_a_daemon(tmp_path):
 
 def test_the_config_file_sets_the_daemon_and_options_override_it(tmp_path):
     path = tmp_path / "daemon.toml"
-    path.write_text('cache_quota = "2GiB"\nprefetch_bandwidth = "50MiB/s"\nprefetch_delay = 0.5\n')
+    path.write_text('cache_quota = "2GiB"\nprefetch_bandwidth = "50MiB/s"\nprefetch_delay = 0.5\n'
+                    'native_reads = false\n')
     config = load_config(path)
-    assert config == DaemonConfig(cache_quota=2 << 30, prefetch_bandwidth=50 << 20, prefetch_delay=0.5)
+    assert config == DaemonConfig(cache_quota=2 << 30, prefetch_bandwidth=50 << 20, prefetch_delay=0.5,
+                                  native_reads=False)
     assert config.with_overrides(cache_quota=1 << 20, prefetch_bandwidth=None).cache_quota == 1 << 20
     assert load_config(tmp_path / "absent.toml") == DaemonConfig()
 
@@ -112,6 +114,7 @@ def test_the_config_file_sets_the_daemon_and_options_override_it(tmp_path):
     ('prefetch_delay = "soon"\n', "number of seconds"),
     ("prefetch_bandwidth = 0\n", "above 0"),
     ("cache_quota = \n", "daemon.toml"),
+    ('native_reads = "yes"\n', "true or false"),
 ])
 def test_a_bad_config_file_is_refused_with_what_is_wrong(tmp_path, text, problem):
     path = tmp_path / "daemon.toml"

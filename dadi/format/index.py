@@ -279,6 +279,12 @@ class MergedIndex:
         """Number of layers in the stack."""
         return self._layer_count
 
+    def segment_arrays(self) -> tuple[array, array, array, array]:
+        """The flat arrays behind the index, for native readers: start blocks and end blocks (array('Q'),
+        [start, end)), layers (array('q'), ZERO for zeros) and the packed byte offset of each start block
+        (array('q')), one entry per merged segment in disk order."""
+        return self._starts, self._ends, self._layers, self._offsets
+
     def iter_segments(self) -> Iterator[tuple[int, int, int, int]]:
         """(disk_offset, length, layer, packed_offset) in bytes for every mapped segment, in disk order."""
         block_size = self.block_size

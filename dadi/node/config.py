@@ -9,6 +9,7 @@ The file is ROOT/daemon.toml unless `dadi daemon --config FILE` names another; e
     metrics = "127.0.0.1:9464"     # serve Prometheus metrics at http://ADDR/metrics (default: off)
     supernodes = ["http://sn1:8900", "http://sn2:8900"]  # fetch through these before the registry
     p2p_listen = "0.0.0.0:8901"    # serve verified chunks to peers here, announce them to the supernodes
+    native_reads = true            # serve read-only views' local chunks from C threads (dadi.node.nativeviews)
 
 Unknown keys are errors, so a typo does not silently fall back to a default.
 """
@@ -34,6 +35,7 @@ class DaemonConfig:
     metrics: str | None = None  # HOST:PORT for /metrics; None: not served
     supernodes: tuple[str, ...] = ()  # URLs, tried before the registry (rendezvous hashing per piece)
     p2p_listen: str | None = None  # HOST:PORT to serve peers on (dadi.p2p.peernode); None: not served
+    native_reads: bool = True  # read-only views through dadi.node.nativeviews when dadi._fastfs is built
 
     def with_overrides(self, **values) -> DaemonConfig:
         """This config with the given settings replaced; None means "not given" and keeps the current one."""
@@ -74,6 +76,10 @@ def load_config(path: Path, *, required: bool = False) -> DaemonConfig:
                                                      for u in urls):
                 raise ValueError(f"supernodes must be a list of http(s):// URLs, not {urls!r}")
             values["supernodes"] = tuple(urls)
+        if "native_reads" in data:
+            if not isinstance(data["native_reads"], bool):
+                raise ValueError(f"native_reads must be true or false, not {data['native_reads']!r}")
+            values["native_reads"] = data["native_reads"]
         for key in ("prefetch_delay", "trace_seconds"):
             if key in data:
                 if isinstance(data[key], bool) or not isinstance(data[key], int | float):

@@ -4,6 +4,9 @@ and prefetch, and answers `dadi mount/umount/ls/stats` on a unix control socket 
 Layout of the root (default /var/lib/dadi):
     control.sock         JSON-lines control socket (one request, one reply per connection)
     fs/                  the FUSE mount: one file per view, the view's disk
+    native/              the native read path's FUSE mount: one file per read-only view, the same disk,
+                         served from the chunk cache by C threads (dadi.node.nativeviews)
+    native.sock          where the native read path asks the Python one for what is not local
     cache/               the chunk cache (dadi.node.chunkcache)
     views/NAME/view.json what the view is (image, options) and where it is attached (loop, mountpoint)
                          (add_view "layers": [digests] views only those bottom layers of the image)
@@ -32,7 +35,8 @@ from dadi.errors import DadiError
 from dadi.format.blob import FOOTER_SIZE, HEADER_SIZE
 from dadi.node import prefetch
 from dadi.node.config import DaemonConfig
-from dadi.node.fusefs import ViewsFS
+from dadi.node.fusefs import ViewsFS, view_inode
+from dadi.node.nativeviews import NativeViews, load_native_server, serve_fallbacks
 from dadi.node.view import ChunkLRU, LayerBlob, View
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ class ViewState:
     trace_chunks: int | None = None  # chunks of the image's trace the prefetch found (None: no trace)
     cancel: trio.CancelScope | None = None
     settled: trio.Event = field(default_factory=trio.Event)  # prefetch done or disabled
+    path: Path | None = None  # the disk file the loop device attaches to (native or Python file system)
 
 
 def _import_mount_path() -> None:
@@ -70,6 +75,8 @@ class Daemon:
         self.root = Path(root)
         self.config = config or DaemonConfig()
         self.fs_dir = self.root / "fs"
+        self.native_dir = self.root / "native"
+        self.native_socket = self.root / "native.sock"
         self.views_dir = self.root / "views"
         self.socket_path = self.root / "control.sock"
         # A daemon killed with SIGKILL leaves its FUSE mount behind, dead (ENOTCONN on any access).
@@ -80,6 +87,7 @@ class Daemon:
 
         self.cache = ChunkCache(self.root / "cache", quota=self.config.cache_quota)
         self.fs = ViewsFS()
+        self.native = None  # dadi.node.nativeviews.NativeViews once run() mounted it
         self.limiter = trio.CapacityLimiter(8)
         self.memory = ChunkLRU()
         self.store_lock = threading.Lock()
@@ -108,9 +116,25 @@ class Daemon:
         _import_mount_path()
         pyfuse3.init(self.fs, str(self.fs_dir), options)
         try:
+            self.native = self._start_native()
             trio.run(self._main)
         finally:
+            if self.native is not None:  # (already closed after a signal; a no-op then)
+                self.native.close()
             pyfuse3.close(unmount=True)
+
+    def _start_native(self):
+        """The native read path's file system, or None (disabled in the config, or not built)."""
+        if not self.config.native_reads:
+            return None
+        server = load_native_server()
+        if server is None:
+            return None
+        try:
+            return NativeViews(self.native_dir, server)
+        except OSError as e:
+            log.warning("native read path unavailable, every view is served from Python: %s", e)
+            return None
 
     async def _main(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -118,6 +142,8 @@ class Daemon:
             nursery.start_soon(pyfuse3.main)
             nursery.start_soon(self._serve_control)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            if self.native is not None:
+                await nursery.start(serve_fallbacks, self.native_socket, self._view_or_none)
             if self.config.p2p_listen:
                 await self.peers.ensure_serving(nursery, self.config.p2p_listen)
             for path in sorted(self.views_dir.glob("*/view.json")):  # views of a previous run
@@ -135,6 +161,8 @@ class Daemon:
                 log.info("signal %d: flushing views and stopping", signum)
                 for state in self.views.values():
                     await state.view.flush()
+                if self.native is not None:  # while this loop still answers its fallback reads
+                    await trio.to_thread.run_sync(self.native.close)
                 scope.cancel()
                 return
 
@@ -196,6 +224,10 @@ class Daemon:
 
     # -- views -----------------------------------------------------------------------------------
 
+    def _view_or_none(self, name: str) -> View | None:
+        state = self.views.get(name)
+        return state.view if state is not None else None
+
     def _view_dir(self, name: str) -> Path:
         if not name or "/" in name or name.startswith("."):
             raise DadiError(f"bad view name {name!r}")
@@ -219,11 +251,27 @@ class Daemon:
             await self.peers.ensure_serving(self._nursery, request["p2p_listen"])
         image, manifest, layers, fetcher, sources = await trio.to_thread.run_sync(self._load_image, request)
         try:
-            return self._make_view(name, request, image, manifest, layers, fetcher, sources)
+            state = self._make_view(name, request, image, manifest, layers, fetcher, sources)
         except BaseException:
             for layer in layers:  # acquired by _load_image: nothing uses them now
                 self.cache.release(layer.digest)
             raise
+        state.path = await self._serve_natively(state) or self.fs_dir / name
+        return {"path": str(state.path), "disk_size": state.view.disk_size}
+
+    async def _serve_natively(self, state: ViewState) -> Path | None:
+        """The view's file on the native file system, or None when the Python one serves it: writable
+        views and views recording a trace always are (see dadi.node.nativeviews)."""
+        view = state.view
+        if self.native is None or view.writable is not None or view.trace is not None:
+            return None
+        try:
+            # In a thread: the native side opens the view's Python file, which this trio loop serves.
+            return await trio.to_thread.run_sync(self.native.add, view, view_inode(view.name),
+                                                 self.native_socket)
+        except (OSError, ValueError) as e:
+            log.warning("view %s: served from Python, the native read path refused it: %s", view.name, e)
+            return None
 
     def _make_view(self, name, request, image, manifest, layers, fetcher, sources) -> dict:
         view_dir = self._view_dir(name)
@@ -254,7 +302,7 @@ class Daemon:
         else:
             state.prefetch_state = "disabled"
             state.settled.set()
-        return {"path": str(self.fs_dir / name), "disk_size": view.disk_size}
+        return state
 
     def _load_image(self, request: dict):
         """Manifest and verified tables only: no layer data is read here."""
@@ -320,6 +368,8 @@ class Daemon:
             state.cancel.cancel()
         if state.view.trace is not None and not state.view.trace.written:
             await self._write_trace(name, state.view.trace)
+        if self.native is not None:  # first: its reads in flight may be waiting on this loop
+            await trio.to_thread.run_sync(self.native.remove, name)
         self.fs.remove(name)
         await state.view.close()
         del self.views[name]
@@ -344,7 +394,8 @@ class Daemon:
             "name": name,
             "image": state.request.get("image"),
             "rw": bool(state.request.get("rw")),
-            "path": str(self.fs_dir / name),
+            "path": str(state.path or self.fs_dir / name),
+            "native": self.native is not None and self.native.serves(name),
             "loop": state.request.get("loop"),
             "mountpoint": state.request.get("mountpoint"),
             "prefetch_state": state.prefetch_state,
@@ -431,6 +482,13 @@ class Daemon:
         bytes_local = sum(_local_bytes(layer) for layer in view.layers)
         fetch_stats = view.fetcher.stats
         s = view.stats
+        reads, read_errors, native = s.reads, s.read_errors, None
+        if self.native is not None and self.native.serves(name):
+            # Every read of the disk reaches the native side first; the Python view saw only its fallbacks.
+            n = self.native.stats(name)
+            reads, read_errors = n["reads"], n["errors"]
+            native = {"reads_local": n["reads"] - n["fallbacks"], "fallbacks": n["fallbacks"],
+                      "chunks": n["chunks"]}
         return {
             "name": name,
             "image": state.request.get("image"),
@@ -447,8 +505,9 @@ class Daemon:
             "layers_total": len(view.layers),
             "trace_chunks": state.trace_chunks,
             "recording_trace": view.trace is not None and view.trace.recording,
-            "reads": s.reads,
-            "read_errors": s.read_errors,
+            "reads": reads,
+            "read_errors": read_errors,
+            "native": native,
             "io_timeouts": s.io_timeouts,
             "corrupt_chunks": fetch_stats.corrupt_chunks + sum(layer.cache.corrupt for layer in view.layers),
             "peers": {**_peer_stats(view.fetcher), "served": self.peers.stats()},
