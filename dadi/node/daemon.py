@@ -266,14 +266,14 @@ class Daemon:
         if self.native is None or view.writable is not None or view.trace is not None:
             return None
         try:
-            # In a thread: the native side opens the view's Python file, which this trio loop serves.
+            # In a thread: copying a big image's chunk tables and opening its cache files block.
             return await trio.to_thread.run_sync(self.native.add, view, view_inode(view.name),
                                                  self.native_socket)
         except (OSError, ValueError) as e:
             log.warning("view %s: served from Python, the native read path refused it: %s", view.name, e)
             return None
 
-    def _make_view(self, name, request, image, manifest, layers, fetcher, sources) -> dict:
+    def _make_view(self, name, request, image, manifest, layers, fetcher, sources) -> ViewState:
         view_dir = self._view_dir(name)
         writable = None
         if request.get("rw"):
