@@ -418,6 +418,8 @@ class Daemon:
             state.prefetch_state = "running"
             await prefetch.prefetch_layers(view, self.pacer, self.gate, self._read_metadata(view.fetcher))
             state.prefetch_state = "done"
+            if self.native is not None:
+                self.native.set_complete(view.name)
             state.settled.set()
             log.info("view %s: prefetch done, every layer is local and matches its digest", view.name)
 

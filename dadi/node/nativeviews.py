@@ -85,7 +85,15 @@ class NativeViews:
         self._server.add(view.name, inode, view.disk_size, view.block_size, starts, ends, layers, offsets,
                          tables, str(fallback_socket), int(view.io_timeout) + FALLBACK_SLACK)
         self._served.add(view.name)
+        if all(layer.cache.verified for layer in view.layers):
+            self._server.set_complete(view.name)
         return self.mountpoint / view.name
+
+    def set_complete(self, name: str) -> None:
+        """Every chunk of the view is in the cache (its layers are verified): reads no longer check the
+        cache file for holes before decoding."""
+        if name in self._served:
+            self._server.set_complete(name)
 
     def serves(self, name: str) -> bool:
         return name in self._served
