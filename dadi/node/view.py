@@ -119,6 +119,7 @@ class View:
         # them fetched at once must be stored (and counted) once.
         self._store_lock = store_lock or threading.Lock()
         self._next_offset = -1  # where a sequential read would start
+        self._ahead_end = -1  # where the last read-ahead window ends
         self._window = 0  # read-ahead window, disk bytes; 0: reads are not sequential
         self._reading_ahead = False
         tables = [layer.tables for layer in layers]
@@ -162,12 +163,15 @@ class View:
 
     def _follow_sequence(self, offset: int, length: int) -> None:
         """Called as a read starts (the kernel sends the next read before the last one is answered)."""
-        sequential = offset == self._next_offset
+        # Also sequential: a read further on inside the window read ahead. The reads in between found
+        # their chunks local, and the native read path (dadi.node.nativeviews) answered them without us.
+        sequential = offset == self._next_offset or self._next_offset < offset <= self._ahead_end
         self._next_offset = offset + length
         # At least twice the read: the kernel's reads of a file grow too (ext4's own read-ahead).
         self._window = min(max(self._window * 2, 2 * length, READ_AHEAD_MIN), READ_AHEAD_MAX) if sequential else 0
         if self._window and self.spawn is not None and not self._reading_ahead:
             self._reading_ahead = True
+            self._ahead_end = offset + length + self._window
             self.spawn(self._read_ahead, offset + length, self._window)
 
     async def _read_ahead(self, start: int, length: int) -> None:
