@@ -12,7 +12,8 @@ fails (the FUSE layer answers EIO) instead of leaving the container in D state.
 Read-ahead: when reads follow each other through the disk (a file read from start to end), the view
 fetches the chunks of the next window in the background, so that the next reads find them local. The
 window starts at READ_AHEAD_MIN (or twice the read) and doubles with each sequential read up to
-READ_AHEAD_MAX; a read elsewhere closes it. One read-ahead runs at a time per view. Read-ahead bytes count as on-demand bytes (reads caused them) and also on their own.
+READ_AHEAD_MAX; a read further on inside the window read ahead also counts (the native read path answers
+the reads in between without us), a read elsewhere closes it. One read-ahead runs at a time per view. Read-ahead bytes count as on-demand bytes (reads caused them) and also on their own.
 """
 
 from __future__ import annotations
