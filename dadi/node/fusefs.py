@@ -24,6 +24,18 @@ log = logging.getLogger(__name__)
 ROOT_INODE = pyfuse3.ROOT_INODE
 
 
+async def read_or_errno(view: View, offset: int, length: int) -> tuple[bytes, int]:
+    """A read of a view as the kernel is answered: (bytes, 0), or (b"", EIO) with the failure logged.
+    Shared by this file system and the native read path's fallbacks (dadi.node.nativeviews)."""
+    try:
+        return await view.read(offset, length), 0
+    except ReadFailed as e:
+        log.warning("view %s: read of %d bytes at %d failed: %s", view.name, length, offset, e)
+    except Exception:
+        log.exception("view %s: read of %d bytes at %d failed", view.name, length, offset)
+    return b"", errno.EIO
+
+
 def view_inode(name: str) -> int:
     """A stable inode number for a view name (above the root's, below 2^63)."""
     return (int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "big") | 1 << 56) + ROOT_INODE
@@ -102,14 +114,10 @@ class ViewsFS(pyfuse3.Operations):
         view = self.views.get(fh)
         if view is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        try:
-            return await view.read(off, size)
-        except ReadFailed as e:
-            log.warning("view %s: read of %d bytes at %d failed: %s", view.name, size, off, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("view %s: read of %d bytes at %d failed", view.name, size, off)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        data, error = await read_or_errno(view, off, size)
+        if error:
+            raise pyfuse3.FUSEError(error)
+        return data
 
     async def write(self, fh, off, buf):
         view = self.views.get(fh)

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import trio
 
-from dadi.node.view import ReadFailed, View
+from dadi.node.fusefs import read_or_errno
+from dadi.node.view import View
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ FALLBACK_REPLY = struct.Struct("=iI")  # errno (0: success), length; then the by
 # Beyond the view's io timeout, how long the native side waits for an answer before it gives up with
 # EIO: the Python read path answers by the deadline, so this only matters if the daemon is wedged.
 FALLBACK_SLACK = 10
-FALLBACK_SOCKET_BUFFER = 2 << 20
 
 
 def load_native_server():
@@ -102,12 +102,11 @@ class NativeViews:
         """reads, bytes, fallbacks (reads passed to the Python path), errors, chunks (served here)."""
         return self._server.stats(name)
 
-    def remove(self, name: str) -> dict | None:
-        """Stop serving a view (waits for its reads in flight); its final stats, None if not served."""
-        if name not in self._served:
-            return None
-        self._served.discard(name)
-        return self._server.remove(name)
+    def remove(self, name: str) -> None:
+        """Stop serving a view, if served (waits for its reads in flight)."""
+        if name in self._served:
+            self._served.discard(name)
+            self._server.remove(name)
 
     def close(self) -> None:
         self._server.close()
@@ -126,8 +125,6 @@ async def serve_fallbacks(path: Path, find_view: Callable[[str], View | None], *
     task_status.started()
 
     async def answer(stream: trio.SocketStream) -> None:
-        # Room for a whole 1 MiB answer: fewer rounds of send, wait, send on the trio loop.
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FALLBACK_SOCKET_BUFFER)
         async with stream:
             try:
                 while await _answer(stream, find_view):
@@ -147,18 +144,7 @@ async def _answer(stream: trio.SocketStream, find_view: Callable[[str], View | N
     name_length, length, offset = FALLBACK_REQUEST.unpack(header)
     name = (await _receive_exactly(stream, name_length)).decode(errors="replace")
     view = find_view(name)
-    data, error = b"", 0
-    if view is None:
-        error = errno.EBADF
-    else:
-        try:
-            data = await view.read(offset, length)
-        except ReadFailed as e:
-            log.warning("view %s: read of %d bytes at %d failed: %s", name, length, offset, e)
-            error = errno.EIO
-        except Exception:
-            log.exception("view %s: read of %d bytes at %d failed", name, length, offset)
-            error = errno.EIO
+    data, error = await read_or_errno(view, offset, length) if view is not None else (b"", errno.EBADF)
     await stream.send_all(FALLBACK_REPLY.pack(error, len(data)))
     if data:
         await stream.send_all(data)
@@ -167,8 +153,6 @@ async def _answer(stream: trio.SocketStream, find_view: Callable[[str], View | N
 
 async def _receive_exactly(stream: trio.SocketStream, count: int) -> bytes:
     data = b""
-    if count == 0:
-        return data
     while len(data) < count:
         more = await stream.receive_some(count - len(data))
         if not more:
