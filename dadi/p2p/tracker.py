@@ -312,19 +312,8 @@ class Tracker:
     # --- internals -----------------------------------------------------------------------------------
 
     def _unhold(self, digest: str, piece: int, peer: str) -> None:
-        peers = self._holders.get((digest, piece))
-        if peers is not None:
-            peers.discard(peer)
-            if not peers:
-                del self._holders[(digest, piece)]
-        self._unready(digest, piece, peer)
-
-    def _unready(self, digest: str, piece: int, peer: str) -> None:
-        pool = self._ready.get((digest, piece))
-        if pool is not None:
-            pool.discard(peer)
-            if not pool:
-                del self._ready[(digest, piece)]
+        _discard(self._holders, (digest, piece), peer)
+        _discard(self._ready, (digest, piece), peer)
 
     def _drop_pieces(self, peer: str, state: PeerState) -> None:
         for digest, pieces in state.pieces.items():
@@ -348,7 +337,7 @@ class Tracker:
                     if ready:
                         self._ready.setdefault((digest, piece), _Pool()).add(peer)
                     else:
-                        self._unready(digest, piece, peer)
+                        _discard(self._ready, (digest, piece), peer)
         times = [t for t in (state.expires, state.down_until, state.banned_until) if t > now]
         if load >= self.fanout:
             times.append(min(state.leases))  # a slot frees up
@@ -367,6 +356,15 @@ class Tracker:
             if state is not None and state.check_at == when:
                 state.check_at = math.inf
                 self._refresh(peer, state, now)
+
+
+def _discard(sets: dict, key: tuple[str, int], peer: str) -> None:
+    """Take `peer` out of the set (or _Pool) at `key`, and the key out of `sets` once nobody is left."""
+    members = sets.get(key)
+    if members is not None:
+        members.discard(peer)
+        if not members:
+            del sets[key]
 
 
 @dataclass(frozen=True)
