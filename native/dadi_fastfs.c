@@ -203,6 +203,7 @@ typedef struct {
     uint64_t serial; /* the view's; 0: empty */
     uint64_t layer, index;
     uint32_t length;
+    uint32_t capacity; /* of raw: grown to the largest chunk the slot held */
     char *raw;
 } decoded_t;
 
@@ -235,8 +236,12 @@ static void decoded_put(uint64_t serial, uint64_t layer, uint64_t index, const c
         return;
     decoded_t *d = decoded_slot(serial, layer, index);
     pthread_mutex_lock(&d->lock);
-    if (!d->raw)
-        d->raw = malloc(DECODED_MAX);
+    if (d->capacity < length) {
+        free(d->raw);
+        d->raw = malloc(length);
+        d->capacity = d->raw ? length : 0;
+        d->serial = 0; /* the old bytes are gone */
+    }
     if (d->raw) {
         memcpy(d->raw, raw, length);
         d->serial = serial;
