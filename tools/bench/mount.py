@@ -616,8 +616,8 @@ def report(args, link, oci_bytes, ctd, cold, local, prefetch_s, tree, warm, rand
         f"on average), {med(warm['native']):.0f} of them answered by the native read path (C threads reading "
         f"the chunk cache, dadi.node.nativeviews) without a round trip to Python, and used "
         f"{med(warm['cpu']):.2f} s of CPU in {med(warm['dadi']):.2f} s"
-        + (": the walk waits for the daemon's CPU (one Python process; each read is a FUSE request, a lookup, "
-           "a chunk cache pread, an xxh3 check and an lz4 decode).\n\n"
+        + (": the walk waits for the daemon's CPU (each read is a FUSE request, a lookup, a chunk cache "
+           "pread, an xxh3 check and an lz4 decode; in Python for the reads the native path passed on).\n\n"
            if med(warm["cpu"]) > 0.7 * med(warm["dadi"]) else ".\n\n") +
         "| random 4 KiB reads | median reads/s | runs |\n|---|---|---|\n"
         f"| dadi view (local chunks) | {med(rand['dadi']):.0f} | {fmt_runs(rand['dadi'], '.0f')} |\n"
