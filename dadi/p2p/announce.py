@@ -1,11 +1,12 @@
 """A peer's announces to its supernodes: which pieces of which blobs this node can serve.
 
-Every CHECK_INTERVAL seconds the announcer looks at the blobs of the views and works out the pieces each
-can serve whole: only the pieces of the chunks the fetcher verified since (`chunk_arrived`, its
-on_verified hook), or the whole blob (peer.held_pieces) when it lost chunks, was verified, or is new.
+CHECK_INTERVAL seconds after a chunk arrives (`chunk_arrived`, the fetcher's on_verified hook; arrivals
+in between are batched), and every IDLE_CHECK_INTERVAL seconds otherwise, the announcer looks at the blobs
+of the views and works out the pieces each can serve whole: only the pieces of the chunks the fetcher
+verified since, or the whole blob (peer.held_pieces) when it lost chunks, was verified, or is new.
 It sends each supernode what changed since its last announce: pieces gained
 (on completion of a piece, so within CHECK_INTERVAL) and pieces lost (a view unmounted, a blob evicted,
-a chunk that failed its xxh3). Every ANNOUNCE_INTERVAL seconds, after a failure, and whenever a
+a chunk that failed its xxh3: within IDLE_CHECK_INTERVAL). Every ANNOUNCE_INTERVAL seconds, after a failure, and whenever a
 supernode hands out a new ticket key (it restarted, and forgot us), the announce is full instead. At
 shutdown the node says it leaves. Requests run in worker threads; a supernode that does not answer costs
 a log line and a full announce next time, never a read.
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 # ask for the same piece within milliseconds of each other; the sooner the first holder announces it,
 # the more of the others the supernode can send to it instead of serving them itself.
 CHECK_INTERVAL = 0.02
+# Seconds between looks when no chunk arrived: for what changes without an arrival (a view mounted on chunks
+# already cached, a view unmounted, a blob evicted or verified). Looking every CHECK_INTERVAL instead cost
+# each daemon 50 wake-ups a second, noticeable when 8 daemons share 2 cores (tools/bench/p2p.py).
+IDLE_CHECK_INTERVAL = 0.5
 REQUEST_TIMEOUT = 5.0
 
 
@@ -63,10 +68,13 @@ class Announcer:
         self._targets: dict[str, _Target] = {}
         self._held: dict[str, tuple[tuple[int, bool], set[int]]] = {}  # digest -> (state, pieces)
         self._arrived: dict[str, set[int]] = {}  # digest -> chunks verified since the last look
+        self._arrival = trio.Event()  # set by chunk_arrived: look again soon
 
     def chunk_arrived(self, digest: str, index: int) -> None:
-        """The fetcher verified chunk `index` of blob `digest` (it is being written to the cache)."""
+        """The fetcher verified chunk `index` of blob `digest` (it is being written to the cache). Called in
+        the daemon's trio thread (Fetcher._take_reply)."""
         self._arrived.setdefault(digest, set()).add(index)
+        self._arrival.set()
 
     def keys(self) -> list[bytes]:
         return [t.key for t in self._targets.values() if t.key is not None]
@@ -74,7 +82,11 @@ class Announcer:
     async def run(self) -> None:
         while True:
             await self.announce_once()
-            await trio.sleep(CHECK_INTERVAL)
+            with trio.move_on_after(IDLE_CHECK_INTERVAL):
+                await self._arrival.wait()
+            if self._arrival.is_set():
+                self._arrival = trio.Event()
+                await trio.sleep(CHECK_INTERVAL)  # the chunks arriving with this one go in the same announce
 
     async def announce_once(self) -> None:
         wanted = self.blobs()
@@ -125,6 +137,7 @@ class Announcer:
             not_yet = {i for i in arrived if not layer.cache.has(i)}
             if not_yet:
                 self._arrived.setdefault(layer.digest, set()).update(not_yet)
+                self._arrival.set()  # look again in CHECK_INTERVAL, not IDLE_CHECK_INTERVAL
         self._held[layer.digest] = (state, pieces)
         return pieces
 
