@@ -205,11 +205,12 @@ class NetnsNode:
         return result
 
     def start_daemon(self, timeout: float = 60) -> None:
-        """Start the node's daemon in its namespace and wait until it answers: a node where dadi runs as a
-        service before any container starts (what tools/bench/mount.py measures too)."""
+        """Start the node's daemon in its namespace, serving peers, and wait until it answers: a node where
+        dadi runs as a service before any container starts (what tools/bench/mount.py measures too)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        argv = [DADI, "daemon", "--root", str(self.root), "--p2p-listen", self.p2p_listen]
         with open(self.root / "daemon.log", "ab") as log:
-            subprocess.Popen(netns_cmd(self.netns, [DADI, "daemon", "--root", str(self.root)]),
+            subprocess.Popen(netns_cmd(self.netns, argv),
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
@@ -221,8 +222,12 @@ class NetnsNode:
                     raise AssertionError(f"node {self.index}: no daemon; see {self.root}/daemon.log") from None
                 time.sleep(0.05)
 
+    @property
+    def p2p_listen(self) -> str:
+        return f"{self.net.node_ip[self.index]}:{PEER_PORT}"
+
     def p2p_args(self, authfile: Path | None) -> list[str]:
-        args = ["--supernode", self.net.supernode_url, "--p2p-listen", f"{self.net.node_ip[self.index]}:{PEER_PORT}"]
+        args = ["--supernode", self.net.supernode_url, "--p2p-listen", self.p2p_listen]
         return args + (["--authfile", str(authfile)] if authfile else [])
 
     def read_all(self, files: Iterable[int] = range(FILES)) -> None:
