@@ -121,6 +121,21 @@ def test_announces_expire_and_can_be_withdrawn_or_replaced():
     assert tracker.holders(D, range(0, 1), 50.0) == []
 
 
+def test_expire_forgets_exactly_the_peers_that_ran_out_however_often_the_others_renewed():
+    tracker = Tracker(ttl=30.0, corrupt_ban=100.0)
+    for t in range(3000):  # two peers renewing every second, one that stopped at 9 s
+        for peer in ("http://a:1", "http://b:1", "http://c:1")[: 3 if t < 10 else 2]:
+            tracker.announce(peer, float(t), add={D: [t % 4]})
+    tracker.report("http://b:1", CORRUPT, 2999.0)  # banned: remembered until the ban is over
+    # expire() looks only at the announces that ran out: its queue does not grow with every renewal.
+    assert len(tracker._expiries) <= 2 * len(tracker.peers) + 1024 + 1
+    assert tracker.expire(3000.0) == ["http://c:1"]
+    assert tracker.expire(3028.0) == [] and tracker.holders(D, range(0, 1), 3028.0) == ["http://a:1"]
+    assert tracker.expire(3029.0) == ["http://a:1"]
+    assert tracker.expire(3098.0) == [] and "http://b:1" in tracker.peers
+    assert tracker.expire(3099.0) == ["http://b:1"] and not tracker.peers and tracker.piece_count() == 0
+
+
 def test_failing_peers_cool_down_and_corrupt_ones_are_banned():
     tracker = Tracker(failure_cooldown=10.0, corrupt_ban=100.0)
     tracker.announce("http://slow:1", 0.0, add={D: [0]})
