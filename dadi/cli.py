@@ -350,6 +350,8 @@ def stats_cmd(directory, root, as_json, wait_prefetch):
         native = stats.get("native")
         click.echo(f"  native read path: {native['reads_local']} reads from the local cache, {native['fallbacks']} "
                    "passed to the Python path" if native else "  served by the Python read path")
+        if stats.get("page_cache"):
+            click.echo("  every chunk local: the loop device reads the view through the page cache")
 
     _run(work)
 

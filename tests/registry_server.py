@@ -15,6 +15,7 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -103,6 +104,14 @@ class RegistryServer:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def freeze(self) -> None:
+        """SIGSTOP: the kernel still accepts connections on its port, and nothing ever answers them (a
+        registry that hangs, which only a timeout notices). thaw() lets it go on."""
+        self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._process.send_signal(signal.SIGCONT)
 
     def write_authfile(
         self, path: str | os.PathLike, username: str | None = None, password: str | None = None

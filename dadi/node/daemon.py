@@ -33,7 +33,7 @@ import trio
 
 from dadi.errors import DadiError
 from dadi.format.blob import FOOTER_SIZE, HEADER_SIZE
-from dadi.node import prefetch
+from dadi.node import loopdev, prefetch
 from dadi.node.config import DaemonConfig
 from dadi.node.fusefs import ViewsFS, view_inode
 from dadi.node.nativeviews import NativeViews, load_native_server, serve_fallbacks
@@ -57,6 +57,8 @@ class ViewState:
     cancel: trio.CancelScope | None = None
     settled: trio.Event = field(default_factory=trio.Event)  # prefetch done or disabled
     path: Path | None = None  # the disk file the loop device attaches to (native or Python file system)
+    loop: str | None = None  # the loop device `dadi mount` attached to `path` while this daemon ran
+    page_cache: bool = False  # that loop device reads `path` through the page cache (see dadi.node.loopdev)
 
 
 def _import_mount_path() -> None:
@@ -359,7 +361,29 @@ class Daemon:
         state.request["loop"] = loop
         state.request["mountpoint"] = mountpoint
         _atomic_json(self._view_dir(name) / "view.json", {k: v for k, v in state.request.items() if k != "op"})
+        state.loop = loop
+        self._nursery.start_soon(self._read_through_page_cache, state)
         return {}
+
+    async def _read_through_page_cache(self, state: ViewState) -> None:
+        """Once every chunk of a natively served view is local and verified, turn its loop device's direct
+        I/O off (dadi.node.loopdev says why). Never before: until then a read may wait for a source, and
+        the loop driver retries a read of its file's page cache that came back short. A no-op for views
+        served from Python, before `attach`, and after it was done."""
+        view = state.view
+        if (state.page_cache or state.loop is None or self.native is None or not self.native.serves(view.name)
+                or not all(layer.cache.verified for layer in view.layers)):
+            return
+        if loopdev.backing_file(state.loop) != str(state.path):  # detached, or taken by someone else since
+            return
+        state.page_cache = True
+        try:
+            await trio.to_thread.run_sync(loopdev.set_direct_io, state.loop, False)
+        except DadiError as e:
+            state.page_cache = False
+            log.warning("view %s: keeping direct I/O on %s: %s", view.name, state.loop, e)
+            return
+        log.info("view %s: every chunk is local; %s reads through the page cache now", view.name, state.loop)
 
     async def remove_view(self, name: str, discard: bool = False) -> dict:
         """Take the view away; `discard` also deletes its writable layer (a `dadi run` view's)."""
@@ -397,6 +421,7 @@ class Daemon:
             "path": str(state.path or self.fs_dir / name),
             "native": self.native is not None and self.native.serves(name),
             "loop": state.request.get("loop"),
+            "page_cache": state.page_cache,
             "mountpoint": state.request.get("mountpoint"),
             "prefetch_state": state.prefetch_state,
         }
@@ -420,6 +445,7 @@ class Daemon:
             state.prefetch_state = "done"
             if self.native is not None:
                 self.native.set_complete(view.name)
+                await self._read_through_page_cache(state)
             state.settled.set()
             log.info("view %s: prefetch done, every layer is local and matches its digest", view.name)
 
@@ -510,6 +536,7 @@ class Daemon:
             "reads": reads,
             "read_errors": read_errors,
             "native": native,
+            "page_cache": state.page_cache,  # the loop device reads the view through the page cache
             "io_timeouts": s.io_timeouts,
             "corrupt_chunks": fetch_stats.corrupt_chunks + sum(layer.cache.corrupt for layer in view.layers),
             "peers": {**_peer_stats(view.fetcher), "served": self.peers.stats()},

@@ -67,6 +67,7 @@ def mount(root: Path, image: str, directory: Path, *, name: str | None = None, r
         # FUSE file's page cache a failed read came back as a short read, which the loop driver retries
         # at once, forever: the container sat in D state while the registry was down. Direct I/O also
         # keeps the bytes out of a second page cache (ext4's above the loop device is the one that counts).
+        # Once every chunk is local the daemon turns it off (dadi/node/loopdev.py says why).
         loop = _run(["losetup", "--find", "--show", "--sector-size", "4096", "--direct-io=on", *([] if rw else ["--read-only"]),
                      view["path"]], "attaching the view to a loop device")
         _set_read_ahead(loop, read_ahead)

@@ -7,7 +7,10 @@ the container wrote come from its writable layer. Blocking work (pread, lz4, has
 threads under the daemon's limiter, so the trio loop keeps serving other reads.
 
 Every read has a deadline (`io_timeout`): when the network cannot supply a chunk in time the read
-fails (the FUSE layer answers EIO) instead of leaving the container in D state.
+fails (the FUSE layer answers EIO) instead of leaving the container in D state. A read that needs a chunk
+whose fetch failed for a read in the last FAIL_FAST_SECONDS fails at once: after an EIO the kernel asks
+again by itself (the page it read ahead, then the page alone, then the loop driver's short-read retry),
+and each of those asking the sources again would make the reader wait io_timeout once more.
 
 Read-ahead: when reads follow each other through the disk (a file read from start to end), the view
 fetches the chunks of the next window in the background, so that the next reads find them local. The
@@ -37,6 +40,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MEMORY_CACHE = 64 << 20
 READ_AHEAD_MIN = 256 << 10  # disk bytes
 READ_AHEAD_MAX = 4 << 20
+# Seconds after a chunk's fetch failed during which reads needing it fail at once. The kernel's own
+# retries of a failed read follow within milliseconds; a reader trying again later asks the sources.
+FAIL_FAST_SECONDS = 0.25
 
 
 @dataclass
@@ -123,6 +129,7 @@ class View:
         self._ahead_end = -1  # where the last read-ahead window ends
         self._window = 0  # read-ahead window, disk bytes; 0: reads are not sequential
         self._reading_ahead = False
+        self._failed: dict[tuple[str, int], float] = {}  # (digest, chunk) -> until when reads fail at once
         tables = [layer.tables for layer in layers]
         self.block_size = tables[0].block_size
         self.disk_size = tables[0].disk_size
@@ -258,15 +265,38 @@ class View:
             raise ReadTimeout(f"{layer.digest}: no time left to fetch {len(indexes)} chunks")
         from dadi.node.fetch import FetchError, FetchTimeout
 
+        on_demand = purpose == "on_demand"  # not a prefetch, nor a read-ahead, whose failures fail no read
+        if on_demand:
+            self._fail_fast(layer.digest, indexes)
         try:
             with self.gate.busy() if self.gate is not None and purpose != "prefetch" else contextlib.nullcontext():
                 stored = await self.fetcher.fetch(layer.digest, layer.tables.chunks, indexes, deadline=deadline,
                                                   purpose=purpose)
-        except FetchTimeout as e:
-            raise ReadTimeout(str(e)) from e
-        except FetchError as e:  # every source failed every retry: the read fails now, not at the deadline
-            raise ReadFailed(str(e)) from e
+        except (FetchTimeout, FetchError) as e:
+            if on_demand:
+                self._remember_failure(layer.digest, indexes)
+            if isinstance(e, FetchTimeout):
+                raise ReadTimeout(str(e)) from e
+            raise ReadFailed(str(e)) from e  # every source failed every retry: fail now, not at the deadline
         return await self._in_thread(self._store, layer, stored, purpose)
+
+    def _fail_fast(self, digest: str, indexes: list[int]) -> None:
+        """ReadFailed if a chunk of `indexes` failed to come for a read just now (FAIL_FAST_SECONDS)."""
+        if not self._failed:
+            return
+        now = trio.current_time()
+        for i in indexes:
+            until = self._failed.get((digest, i))
+            if until is not None and until > now:
+                raise ReadFailed(f"{digest}: chunk {i} could not be fetched {FAIL_FAST_SECONDS} s ago "
+                                 "(the kernel retrying a failed read): failing at once")
+
+    def _remember_failure(self, digest: str, indexes: list[int]) -> None:
+        now = trio.current_time()
+        if len(self._failed) > 4096:
+            self._failed = {k: until for k, until in self._failed.items() if until > now}
+        for i in indexes:
+            self._failed[(digest, i)] = now + FAIL_FAST_SECONDS
 
     def _store(self, layer: LayerBlob, stored: dict[int, bytes], purpose: str) -> dict[int, bytes]:
         out = {}

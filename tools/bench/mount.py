@@ -419,6 +419,7 @@ def bench(args, work: Path, stack: contextlib.ExitStack) -> int:
             figures = dadi_stats(local_root, mnt)
             warm["reads"].append(figures["reads"])
             warm["native"].append((figures["native"] or {}).get("reads_local", 0))
+            warm["page_cache"].append(bool(figures.get("page_cache")))
         with DadiDaemon(local_root), dadi_view(local_root, dadi_ref, mnt, prefetch=False) as info:
             set_read_ahead_kb(info["loop"], READ_AHEAD_KB)
             drop_caches()
@@ -617,8 +618,12 @@ def report(args, link, oci_bytes, ctd, cold, local, prefetch_s, tree, warm, rand
         f"the chunk cache, dadi.node.nativeviews) without a round trip to Python, and used "
         f"{med(warm['cpu']):.2f} s of CPU in {med(warm['dadi']):.2f} s"
         + (": the walk waits for the daemon's CPU (each read is a FUSE request, a lookup, a chunk cache "
-           "pread, an xxh3 check and an lz4 decode; in Python for the reads the native path passed on).\n\n"
-           if med(warm["cpu"]) > 0.7 * med(warm["dadi"]) else ".\n\n") +
+           "pread, an xxh3 check and an lz4 decode; in Python for the reads the native path passed on). "
+           if med(warm["cpu"]) > 0.7 * med(warm["dadi"]) else ". ")
+        + (f"In {sum(warm['page_cache'])} of {len(warm['page_cache'])} runs the view's loop device read it "
+           "through the page cache, as the daemon sets it once every chunk of a view is local "
+           "(dadi/node/loopdev.py; the plain loop device reads its file the same way).\n\n"
+           if any(warm["page_cache"]) else "The view's loop device read it with direct I/O.\n\n") +
         "| random 4 KiB reads | median reads/s | runs |\n|---|---|---|\n"
         f"| dadi view (local chunks) | {med(rand['dadi']):.0f} | {fmt_runs(rand['dadi'], '.0f')} |\n"
         f"| plain loop | {med(rand['plain']):.0f} | {fmt_runs(rand['plain'], '.0f')} |\n"
