@@ -24,6 +24,7 @@ from test_mount_resilience import (
     stop_daemon,
 )
 
+from dadi.node import loopdev
 from dadi.node.nativeviews import READ_AHEAD_KB
 from dadi.node.view import FAIL_FAST_SECONDS
 
@@ -43,10 +44,10 @@ def test_a_prefetched_view_is_read_natively_without_any_source(busybox_image, bu
     info = mount(ref, mnt, node, "--plain-http", "--prefetch-delay", "0")
     assert loop_backing_file(info["loop"]) == str(node / "native" / info["name"]), \
         "a read-only view's loop device is not attached to its file on the native file system"
-    assert loop_direct_io(info["loop"]), "a view with chunks still to fetch must be read with direct I/O"
+    assert loopdev.direct_io(info["loop"]), "a view with chunks still to fetch must be read with direct I/O"
     done = stats(mnt, node, "--wait-prefetch", str(DEADLINE))
     assert done["prefetch_state"] == "done"
-    assert done["page_cache"] and not loop_direct_io(info["loop"]), \
+    assert done["page_cache"] and not loopdev.direct_io(info["loop"]), \
         "every chunk is local, yet the loop device still reads the view with direct I/O"
     dev = (node / "native").stat().st_dev
     assert Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text().strip() == \
@@ -61,10 +62,6 @@ def test_a_prefetched_view_is_read_natively_without_any_source(busybox_image, bu
     assert after["native"]["fallbacks"] == before["fallbacks"], "a read of local chunks left the native path"
     assert after["native"]["reads_local"] > before["reads_local"]
     assert after["reads"] >= after["native"]["reads_local"] and after["read_errors"] == 0
-
-
-def loop_direct_io(loop: str) -> bool:
-    return Path(f"/sys/block/{Path(loop).name}/loop/dio").read_text().strip() == "1"
 
 
 def test_a_damaged_chunk_of_a_complete_view_read_through_the_page_cache_fails_with_eio_then_recovers(
@@ -91,7 +88,7 @@ def test_a_damaged_chunk_of_a_complete_view_read_through_the_page_cache_fails_wi
     # Mounted again on a complete cache: straight to the page cache, without waiting for a prefetch.
     info = mount(ref, mnt, node, "--plain-http", "--no-prefetch", "--io-timeout", "3")
     poll("the view to read through the page cache", lambda: stats(mnt, node)["page_cache"], DEADLINE)
-    assert not loop_direct_io(info["loop"])
+    assert not loopdev.direct_io(info["loop"])
     registry.freeze()  # a registry that hangs: only the io timeout ends a fetch
     try:
         drop_page_cache()

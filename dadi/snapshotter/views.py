@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 from dadi.errors import DadiError
+from dadi.node import loopdev
 from dadi.node.control import DaemonNotRunning, ensure_daemon, request
 from dadi.node.mounting import DEFAULT_READ_AHEAD, _run, _set_read_ahead
 
@@ -64,7 +65,7 @@ def detach_view(node_root: Path, state: dict) -> None:
         if result.returncode != 0 and os.path.ismount(lower):
             raise DadiError(f"umount {lower}: {result.stderr.strip()}")
     loop = state.get("loop")
-    if loop and _loop_backing_file(loop) is not None:
+    if loop and loopdev.backing_file(loop) is not None:
         subprocess.run(["losetup", "-d", loop], capture_output=True)
     if state.get("view"):
         remove_daemon_view(node_root, state["view"])
@@ -90,10 +91,3 @@ def daemon_views(node_root: Path) -> list[dict] | None:
 def writable_usage_dir(node_root: Path, name: str) -> Path:
     """Where the daemon keeps a rw view's private writable layer (dadi/node/daemon.py's layout)."""
     return Path(node_root) / "views" / name / "writable"
-
-
-def _loop_backing_file(loop: str) -> str | None:
-    try:
-        return Path(f"/sys/block/{Path(loop).name}/loop/backing_file").read_text().strip()
-    except OSError:
-        return None
