@@ -28,7 +28,9 @@ The policy, and why:
   fan-out, a report, an announce, expiry): that costs the pieces it announced, once per change.
 - **Liveness**: an announce is valid for ANNOUNCE_TTL seconds (peers re-announce every
   ANNOUNCE_INTERVAL, so two lost announces are forgiven); a peer that stopped announcing expires with
-  all its pieces. Expiry looks only at the announces that ran out (a queue by time), not at every peer. A node that was redirected and found the peer failing reports it: the peer is passed
+  all its pieces; it is forgotten when the tracker next looks at the time (the same queue of wake-ups
+  that tracks cooldowns and slots), not by a scan of every peer. A node that was redirected and found
+  the peer failing reports it: the peer is passed
   over for PEER_FAILURE_COOLDOWN seconds. A peer reported for sending bytes that failed their sha256
   loses every piece it announced and is refused for PEER_CORRUPT_BAN seconds.
 - **Never to itself**: a requester is never redirected to its own peer address.
@@ -189,10 +191,6 @@ class Tracker:
         # cooldown ends, a slot frees up at full fan-out). Entries are superseded, not removed: only the
         # one at the peer's `check_at` counts. The sequence keeps the order reproducible.
         self._wakes: list[tuple[float, int, str]] = []
-        # (expires, sequence, peer): when each announce runs out, so that expire() looks only at those due
-        # instead of at every peer on every announce. Superseded entries (the peer announced again) stay
-        # until they come up or the heap is rebuilt.
-        self._expiries: list[tuple[float, int, str]] = []
         self._seq = 0
 
     # --- what peers say ------------------------------------------------------------------------------
@@ -202,13 +200,13 @@ class Tracker:
         """Record a peer's announce: pieces it can now serve (`add`), pieces it no longer can
         (`withdraw`); `full` replaces everything it announced before by `add`. Renews its TTL. False
         (and nothing recorded) while the peer is banned for corrupt bytes."""
+        self._wake(now)  # first: it may forget this very peer, whose announce ran out
         state = self.peers.get(peer)
         if state is not None and state.banned_until > now:
             return False
-        self._wake(now)
         if state is None:
             state = self.peers[peer] = PeerState(expires=now + self.ttl)
-        self._set_expires(peer, state, now + self.ttl)
+        state.expires = now + self.ttl
         if full:
             self._drop_pieces(peer, state)
         for digest, pieces in (withdraw or {}).items():
@@ -245,31 +243,15 @@ class Tracker:
         if reason == CORRUPT:
             state.banned_until = now + self.corrupt_ban
             self._drop_pieces(peer, state)
-            # kept so that the ban is remembered
-            self._set_expires(peer, state, max(state.expires, state.banned_until))
+            state.expires = max(state.expires, state.banned_until)  # kept so that the ban is remembered
         else:
             state.down_until = now + self.failure_cooldown
         self._refresh(peer, state, now)
 
     def expire(self, now: float) -> list[str]:
-        """Forget peers whose announce ran out (and whose ban, if any, is over); their URLs."""
-        gone = []
-        while self._expiries and self._expiries[0][0] <= now:
-            when, _, peer = heapq.heappop(self._expiries)
-            state = self.peers.get(peer)
-            if state is not None and state.expires == when:  # else renewed since, or gone already
-                self.leave(peer)
-                gone.append(peer)
-        return gone
-
-    def _set_expires(self, peer: str, state: PeerState, when: float) -> None:
-        state.expires = when
-        self._seq += 1
-        heapq.heappush(self._expiries, (when, self._seq, peer))
-        if len(self._expiries) > 2 * len(self.peers) + 1024:  # mostly superseded entries: keep one per peer
-            self._expiries = [(s.expires, i, p) for i, (p, s) in enumerate(self.peers.items(), self._seq + 1)]
-            self._seq += len(self._expiries)
-            heapq.heapify(self._expiries)
+        """Forget peers whose announce ran out (and whose ban, if any, is over) by `now`; the URLs of
+        those not already forgotten by an earlier announce() or choose(), which look at the time too."""
+        return self._wake(now)
 
     # --- where a range goes --------------------------------------------------------------------------
 
@@ -366,14 +348,22 @@ class Tracker:
                 self._seq += 1
                 heapq.heappush(self._wakes, (when, self._seq, peer))
 
-    def _wake(self, now: float) -> None:
-        """Look again at the peers whose state may have changed by itself up to `now`."""
+    def _wake(self, now: float) -> list[str]:
+        """Look again at the peers whose state may have changed by itself up to `now`, and forget those
+        whose announce ran out (every live peer has a look scheduled by then: _refresh); their URLs."""
+        gone = []
         while self._wakes and self._wakes[0][0] <= now:
             when, _, peer = heapq.heappop(self._wakes)
             state = self.peers.get(peer)
-            if state is not None and state.check_at == when:
-                state.check_at = math.inf
+            if state is None or state.check_at != when:
+                continue
+            state.check_at = math.inf
+            if state.expires <= now:
+                self.leave(peer)
+                gone.append(peer)
+            else:
                 self._refresh(peer, state, now)
+        return gone
 
 
 def _discard(sets: dict, key: tuple[str, int], peer: str) -> None:
