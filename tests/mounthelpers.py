@@ -22,6 +22,7 @@ from conftest import dadi_cli
 
 from dadi.errors import DadiError
 from dadi.node.control import request
+from dadi.node.loopdev import backing_file as loop_backing_file
 
 STOP_DEADLINE = 10.0  # seconds a daemon gets to exit on SIGTERM before SIGKILL
 
@@ -120,14 +121,6 @@ def mounts_under(directory: Path) -> list[str]:
             if point == prefix or point.startswith(prefix + "/"):
                 points.append(point)
     return sorted(set(points), key=lambda p: p.count("/"), reverse=True)
-
-
-def loop_backing_file(loop: str) -> str | None:
-    """The backing file of /dev/loopN, or None when the device is free."""
-    try:
-        return Path(f"/sys/block/{Path(loop).name}/loop/backing_file").read_text().strip()
-    except (FileNotFoundError, OSError):
-        return None
 
 
 def cleanup_node(root: Path, scope: Path) -> None:

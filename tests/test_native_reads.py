@@ -25,7 +25,7 @@ from test_mount_resilience import (
 )
 
 from dadi.node import loopdev
-from dadi.node.nativeviews import READ_AHEAD_KB
+from dadi.node.nativeviews import READ_AHEAD_KB, read_ahead_path
 from dadi.node.view import FAIL_FAST_SECONDS
 
 pytestmark = pytest.mark.needs_root
@@ -49,9 +49,8 @@ def test_a_prefetched_view_is_read_natively_without_any_source(busybox_image, bu
     assert done["prefetch_state"] == "done"
     assert done["page_cache"] and not loopdev.direct_io(info["loop"]), \
         "every chunk is local, yet the loop device still reads the view with direct I/O"
-    dev = (node / "native").stat().st_dev
-    assert Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text().strip() == \
-        str(READ_AHEAD_KB), "the native file system's read-ahead is the kernel's default, not the daemon's"
+    assert read_ahead_path(node / "native").read_text().strip() == str(READ_AHEAD_KB), \
+        "the native file system's read-ahead is the kernel's default, not the daemon's"
     before = done["native"]
 
     registry.stop()  # from now on a read that left the native path would fail

@@ -49,6 +49,12 @@ FALLBACK_SLACK = 10
 READ_AHEAD_KB = 1024
 
 
+def read_ahead_path(mountpoint: Path) -> Path:
+    """The sysfs file of the kernel's read-ahead (KiB) on the files of the file system at `mountpoint`."""
+    dev = Path(mountpoint).stat().st_dev
+    return Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+
+
 def load_native_server():
     """The dadi._fastfs Server class, or None (with the reason logged) when it was not built."""
     try:
@@ -72,11 +78,10 @@ class NativeViews:
         self._set_read_ahead(READ_AHEAD_KB)
 
     def _set_read_ahead(self, kb: int) -> None:
-        """The kernel's read-ahead on this file system's files: what a loop device reading a view through
-        the page cache (dadi.node.loopdev) asks for at once. A file takes the value when it is opened, so
-        it is set before any loop device opens a view; a failure only costs speed."""
-        dev = self.mountpoint.stat().st_dev
-        path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        """What a loop device reading a view through the page cache (dadi.node.loopdev) asks for at once.
+        A file takes the value when it is opened, so it is set before any loop device opens a view; a
+        failure only costs speed."""
+        path = read_ahead_path(self.mountpoint)
         try:
             path.write_text(f"{kb}\n")
         except OSError as e:
