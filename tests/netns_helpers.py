@@ -20,16 +20,16 @@ an interrupted run (same names) first.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import subprocess
 import threading
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from conftest import REPO, dadi_cli, pseudo_random
+from conftest import REPO, dadi_cli, poll, pseudo_random
 from mounthelpers import cleanup_node, record_mount
 from test_supernode import Supernode, clean_env
 
@@ -193,6 +193,7 @@ class NetnsNode:
         self.mnt = tmp_path / f"mnt{index}"
         self.scope = tmp_path
         self.netns = net.node_ns[index]
+        self.pid: int | None = None  # the daemon start_daemon started
 
     def mount(self, ref: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
         self.mnt.mkdir(parents=True, exist_ok=True)
@@ -205,22 +206,21 @@ class NetnsNode:
         return result
 
     def start_daemon(self, timeout: float = 60) -> None:
-        """Start the node's daemon in its namespace, serving peers, and wait until it answers: a node where
-        dadi runs as a service before any container starts (what tools/bench/mount.py measures too)."""
+        """Start the node's daemon in its namespace, serving peers, and wait until it answers (its pid in
+        `self.pid`): a node where dadi runs as a service before any container starts (what
+        tools/bench/mount.py measures too)."""
         self.root.mkdir(parents=True, exist_ok=True)
         argv = [DADI, "daemon", "--root", str(self.root), "--p2p-listen", self.p2p_listen]
         with open(self.root / "daemon.log", "ab") as log:
             subprocess.Popen(netns_cmd(self.netns, argv),
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                request(self.root, {"op": "ping"}, timeout=5)
-                return
-            except DaemonNotRunning:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"node {self.index}: no daemon; see {self.root}/daemon.log") from None
-                time.sleep(0.05)
+
+        def answering() -> int | None:
+            with contextlib.suppress(DaemonNotRunning):
+                return request(self.root, {"op": "ping"}, timeout=5)["pid"]
+            return None
+
+        self.pid = poll(f"node {self.index}'s daemon (see {self.root}/daemon.log)", answering, timeout, 0.05)
 
     @property
     def p2p_listen(self) -> str:

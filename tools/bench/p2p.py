@@ -5,10 +5,10 @@ The topology of tests/test_p2p_netns.py (tests/netns_helpers.py): a docker-regis
 and 8 node daemons, each in a network namespace of its own on one bridge; the registry's uplink shaped to
 1 Gbit/s with tbf. The image has --files incompressible files of 1 MiB. A start is `dadi mount` (with
 --supernode and --p2p-listen) and reading every file, each checked against its sha256; then the
-background prefetch is waited for, so that every node ends with the whole image. Every run starts cold: a new supernode cache,
-new node roots, page cache dropped. Each node's daemon is started (on its empty root, serving peers) before the
-clock, as on a node where dadi runs as a service; tools/bench/mount.py measures its starts the same way. Runs
-alternate: one node alone, then 8 at once; medians of --runs.
+background prefetch is waited for, so that every node ends with the whole image. Every run starts cold:
+a new supernode cache, new node roots, page cache dropped. Each node's daemon is started (on its empty
+root, serving peers) before the clock, as on a node where dadi runs as a service; tools/bench/mount.py
+measures its starts the same way. Runs alternate: one node alone, then 8 at once; medians of --runs.
 
 Figures, and the goals of issue 4:
 - registry egress of the 8 / registry egress of the single node (the registry interface's tx_bytes, from
@@ -46,8 +46,6 @@ from netns_helpers import NetnsNode, NetnsSupernode, Topology, build_p2p_image, 
 from registry_server import RegistryServer  # noqa: E402
 from report import drop_caches, machine, write_section  # noqa: E402
 
-from dadi.node.control import request  # noqa: E402
-
 NODES = 8
 GOALS = {"registry": 1.3, "slowest": 3.0, "supernode": 4.0}
 
@@ -61,7 +59,7 @@ def start_nodes(work: Path, net: Topology, ref: str, count: int, files: int) -> 
         p2p_file_digest(i)
     try:
         in_parallel(NetnsNode.start_daemon, nodes)  # the node service is up before any container starts
-        pids = [request(node.root, {"op": "ping"})["pid"] for node in nodes]
+        pids = [node.pid for node in nodes]
         drop_caches()
         before = net.tx_bytes(net.registry_ns)
         cpu_before = _cpu_now(pids, supernode.process.pid)  # nsenter execs the supernode: the same pid
