@@ -288,8 +288,8 @@ class View:
         for i in indexes:
             until = self._failed.get((digest, i))
             if until is not None and until > now:
-                raise ReadFailed(f"{digest}: chunk {i} could not be fetched {FAIL_FAST_SECONDS} s ago "
-                                 "(the kernel retrying a failed read): failing at once")
+                raise ReadFailed(f"{digest}: chunk {i} could not be fetched less than {FAIL_FAST_SECONDS} s "
+                                 "ago (the kernel retrying a failed read?): failing at once")
 
     def _remember_failure(self, digest: str, indexes: list[int]) -> None:
         now = trio.current_time()
