@@ -503,5 +503,89 @@ def test_registry_source_survives_a_registry_restart(registry, blob, tmp_path, m
         trio.run(main)
     finally:
         source.close()
-        peer.session.close()
+        peer.close()
     assert all(hashlib.sha256(blob.stored(i)).digest() == blob.chunks[i].sha256 for i in everything)
+
+
+# --- HttpChunkSource against a plain HTTP server --------------------------------------------------
+
+
+class _BlobServer:
+    """A keep-alive HTTP/1.1 server of one blob: answers Range with 206 (or, `ignore_range`, the whole
+    blob with 200), and /redirect with an empty 307, as a supernode sends a node to a peer. Counts the
+    connections it accepted."""
+
+    def __init__(self, data: bytes, *, ignore_range: bool = False):
+        import http.server
+
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                server.connections += 1
+
+            def do_GET(self):
+                if self.path.startswith("/redirect"):
+                    self.send_response(307)
+                    self.send_header("Location", "http://192.0.2.1:8901/elsewhere")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                first, last = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-"))
+                body = data if ignore_range else data[first:last + 1]
+                self.send_response(200 if ignore_range else 206)
+                if not ignore_range:
+                    self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.connections = 0
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_http_source_keeps_its_connection_across_ranges_and_redirects():
+    data = random.Random(5).randbytes(3 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with _BlobServer(data) as server:
+        source = HttpChunkSource(server.url, "repo", "supernode")
+        try:
+            assert source.fetch_range(digest, 1000, 1 << 20, 5) == data[1000:1000 + (1 << 20)]
+            with pytest.raises(SourceError, match="307") as redirect:
+                source.fetch_url(server.url + "/redirect", 0, 10, 5, follow_redirects=False)
+            assert redirect.value.location == "http://192.0.2.1:8901/elsewhere"
+            # The empty 307 was read to its end: the next range goes over the same connection.
+            assert source.fetch_range(digest, 5, 100, 5) == data[5:105]
+            assert server.connections == 1
+        finally:
+            source.close()
+
+
+def test_http_source_reads_only_its_range_of_a_server_that_ignores_range():
+    data = random.Random(6).randbytes(3 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with _BlobServer(data, ignore_range=True) as server:
+        source = HttpChunkSource(server.url, "repo", "peer")
+        try:
+            assert source.fetch_range(digest, (1 << 20) + 7, 4096, 5) == data[(1 << 20) + 7:(1 << 20) + 7 + 4096]
+            # The rest of that body was not read: the connection was dropped, not reused mid-body.
+            assert source.fetch_range(digest, 0, 10, 5) == data[:10]
+            assert server.connections == 2
+        finally:
+            source.close()

@@ -188,7 +188,7 @@ def test_ranges_are_the_registrys_bytes_and_metrics_count_what_was_sent(registry
         try:
             assert node.fetch_range(digest, 1_500_000, 700_000, 10.0) == data[1_500_000:2_200_000]
         finally:
-            node.session.close()
+            node.close()
 
         beyond = sn.get(digest, f"bytes={size}-")
         assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{size}"
@@ -320,7 +320,7 @@ def test_a_node_reads_through_the_supernode_only_what_the_registry_lets_it_read(
             try:
                 assert node.fetch_range(digest, 1000, 5000, 10.0) == data[1000:6000]
             finally:
-                node.session.close()
+                node.close()
             # The blob is cached now; that must not open it to anyone else.
             for auth in (None, wrong, "Bearer some-token"):
                 refused = sn.get(digest, "bytes=1000-5999", auth=auth)
@@ -332,7 +332,7 @@ def test_a_node_reads_through_the_supernode_only_what_the_registry_lets_it_read(
                 with pytest.raises(SourceError, match="HTTP 401"):
                     anonymous.fetch_range(digest, 0, 100, 10.0)
             finally:
-                anonymous.session.close()
+                anonymous.close()
             assert sn.metric("dadi_supernode_access_checks_total", result="denied") >= 2
 
         # A supernode with credentials of its own fetches with those, but still checks every node's.
@@ -388,7 +388,7 @@ def test_prewarm_fills_the_cache_so_that_nodes_never_wait_for_the_registry(dadi_
                 got = node.fetch_range(desc.digest, 0, desc.size, 30.0)
                 assert sha256_digest(got) == desc.digest
         finally:
-            node.session.close()
+            node.close()
         assert len(proxy.blob_gets()) == fetched
         assert sn.metric("dadi_supernode_piece_hits_total") > hits
 
@@ -430,4 +430,4 @@ def test_a_trace_only_prewarm_fetches_the_traced_chunks_and_the_tables(dadi_imag
             node.fetch_range(layer1.digest, 0, 100, 30.0)
             assert len(proxy.blob_gets()) == fetched + 1
         finally:
-            node.session.close()
+            node.close()

@@ -64,7 +64,10 @@ class Announcer:
         self.port = port
         self.blobs = blobs
         self.stats = AnnounceStats()
-        self._session = session or requests.Session()
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # supernodes are in the node's data centre: no HTTP(S)_PROXY (docs/P2P.md)
+        self._session = session
         self._targets: dict[str, _Target] = {}
         self._held: dict[str, tuple[tuple[int, bool], set[int]]] = {}  # digest -> (state, pieces)
         self._arrived: dict[str, set[int]] = {}  # digest -> chunks verified since the last look

@@ -127,6 +127,7 @@ class SupernodeSet:
             except SourceError as e:
                 with self._lock:
                     self._down_until[url] = self._clock() + self.cooldown
+                log.warning("%s; passed over for %.0f s", e, self.cooldown)
                 errors.append(str(e))
                 continue
             with self._lock:
