@@ -55,8 +55,6 @@ def supernode_cmd(listen, registry, cache_dir, cache_quota, plain_http, authfile
     if not verbose:
         # urllib3 logs every retried connection at WARNING; the supernode says what failed itself.
         logging.getLogger("urllib3").setLevel(logging.ERROR)
-        # hypercorn's own "Running on ..." repeats the supernode's "listening on ..."; its errors remain.
-        logging.getLogger("dadi.p2p.http").setLevel(logging.WARNING)
     if ":" not in listen:
         raise click.BadParameter("HOST:PORT, e.g. 0.0.0.0:5080", param_hint="--listen")
     if access_ttl < 0:

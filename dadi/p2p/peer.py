@@ -35,14 +35,17 @@ from urllib.parse import parse_qs
 
 import trio
 
+from dadi.p2p import httpserver
 from dadi.p2p.errors import BadRequest, RangeNotSatisfiable
 from dadi.p2p.peerproto import TICKET_PARAM, check_ticket
 from dadi.p2p.piececache import PIECE_SIZE, piece_count
-from dadi.p2p.supernode import lifespan, parse_range
+from dadi.p2p.supernode import parse_range
 from dadi.p2p.tracker import PEER_FANOUT
 
 log = logging.getLogger(__name__)
 
+KEEP_ALIVE_SECONDS = 30.0  # a peer's connection is kept across the gaps between its requests
+GRACEFUL_SECONDS = 1.0  # uploads in flight get this long to finish when the daemon stops
 MAX_RANGE = 8 << 20  # bytes one request may ask for: nodes ask at most a piece (1 MiB) of a peer
 _BLOB_PATH = re.compile(r"^/v2/(?P<repo>[a-z0-9._/-]+)/blobs/(?P<digest>sha256:[0-9a-f]{64})$")
 
@@ -186,9 +189,6 @@ class PeerApp:
         self._threads = trio.CapacityLimiter(uploads)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "lifespan":
-            await lifespan(receive, send)
-            return
         if scope["type"] != "http":
             return
         match = _BLOB_PATH.match(scope["path"])
@@ -256,15 +256,7 @@ async def _reply(send: Callable[[dict], Awaitable[None]], status: int, body: dic
 
 async def serve(app: PeerApp, listen: str, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
                 shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Serve `app` on HOST:PORT (hypercorn on trio, as the supernode) until cancelled or `shutdown`
+    """Serve `app` on HOST:PORT (dadi/p2p/httpserver.py, as the supernode) until cancelled or `shutdown`
     returns; task_status gets the bound addresses."""
-    import hypercorn.config
-    import hypercorn.trio
-
-    config = hypercorn.config.Config()
-    config.bind = [listen]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("dadi.p2p.peer.http")
-    config.graceful_timeout = 1.0
-    config.keep_alive_timeout = 30.0
-    await hypercorn.trio.serve(app, config, shutdown_trigger=shutdown or trio.sleep_forever, task_status=task_status)
+    await httpserver.serve(app, listen, keep_alive=KEEP_ALIVE_SECONDS, graceful=GRACEFUL_SECONDS,
+                           shutdown=shutdown, task_status=task_status)

@@ -1,6 +1,6 @@
 """`dadi supernode`: an HTTP cache in front of one registry, for the nodes of a data centre.
 
-The HTTP side is a small ASGI application served by hypercorn on trio. Routes:
+The HTTP side is a small ASGI application served on trio by dadi/p2p/httpserver.py. Routes:
 
     GET|HEAD /v2/<repository>/blobs/sha256:<hex>   a blob, or with `Range: bytes=A-B` a range of it (206),
                                                    as a registry serves it (dadi.node.fetch.HttpChunkSource
@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 import trio
 
+from dadi.p2p import httpserver
 from dadi.p2p import metrics as m
 from dadi.p2p.access import AccessChecker, parse_authorization, who
 from dadi.p2p.errors import BadRequest, NotFound, RangeNotSatisfiable, SupernodeError
@@ -172,9 +173,6 @@ class SupernodeApp:
         self._streams = trio.Semaphore(MAX_STREAMS)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
@@ -204,9 +202,6 @@ class SupernodeApp:
 
     # --- plumbing -----------------------------------------------------------------------------------
 
-    async def _lifespan(self, receive: Callable, send: Callable) -> None:
-        await lifespan(receive, send)
-
     async def _until_disconnect(self, receive: Callable, work: Awaitable[None]) -> None:
         """Run `work` (a response) until it ends or the client hangs up, whichever comes first."""
 
@@ -231,7 +226,7 @@ class SupernodeApp:
             self.metrics.errors.labels(m.BAD_REQUEST).inc()
         if response.started:
             # Headers are out: all that is left is to cut the transfer. Returning without the body's end
-            # makes hypercorn close the connection, and the client sees a body shorter than its
+            # makes the server close the connection, and the client sees a body shorter than its
             # Content-Length (a short read), never a complete-looking wrong answer.
             log.warning("%s %s: cut short: %s", scope["method"], scope["path"], exc)
             return
@@ -348,17 +343,6 @@ class _MethodNotAllowed(SupernodeError):
         self.allow = allow
 
 
-async def lifespan(receive: Callable, send: Callable) -> None:
-    """Answer an ASGI server's lifespan messages (nothing to set up or tear down here)."""
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
 async def _read_body(receive: Callable, limit: int, what: str) -> bytes | None:
     """A request's whole body (BadRequest past `limit` bytes); None when the client hung up."""
     body = bytearray()
@@ -395,9 +379,6 @@ async def serve(
 ) -> None:
     """Run a supernode until `shutdown()` returns (default: until SIGTERM or SIGINT). task_status gets
     the addresses it listens on (useful with port 0)."""
-    import hypercorn.config
-    import hypercorn.trio
-
     with contextlib.ExitStack() as signals:
         if shutdown is None:
             receiver = signals.enter_context(trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
@@ -430,12 +411,6 @@ async def serve(
             app = SupernodeApp(settings, service, access, Prewarmer(service, upstream, metrics, upstream_limiter), metrics,
                                redirector)
 
-            config = hypercorn.config.Config()
-            config.bind = [settings.listen]
-            config.accesslog = None
-            config.errorlog = logging.getLogger("dadi.p2p.http")
-            config.graceful_timeout = GRACEFUL_SECONDS
-            config.keep_alive_timeout = KEEP_ALIVE_SECONDS
             usage = cache.usage
             log.info(
                 "registry %s%s%s; cache %s: %d blobs, %d bytes%s",
@@ -446,7 +421,8 @@ async def serve(
             )  # fmt: skip
 
             async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
-                await hypercorn.trio.serve(app, config, shutdown_trigger=shutdown, task_status=task_status)
+                await httpserver.serve(app, settings.listen, keep_alive=KEEP_ALIVE_SECONDS, graceful=GRACEFUL_SECONDS,
+                                       shutdown=shutdown, task_status=task_status)
                 # The server has stopped: cancel what is still in flight (fetches, checks, flushes).
                 nursery.cancel_scope.cancel()
 
