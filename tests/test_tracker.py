@@ -286,3 +286,41 @@ def test_a_hot_piece_nobody_holds_yet_waits_for_its_seeds_only_after_whole_piece
     policy.decide(D, 5 * MiB, 5 * MiB + 10, 2.03, rng)
     assert policy.decide(D, 5 * MiB, 5 * MiB + 10, 2.04, rng).reason == "no_peer"
     assert policy.decide(D, 0, 10, 1.0 + 2 * HOT_WINDOW, rng).reason == "cold"  # all of it is forgotten
+
+
+# --- the supernode's side (dadi/p2p/peerredirect.py), on trio's mock clock --------------------------
+
+
+def test_a_held_request_goes_to_a_seed_the_moment_it_announces_the_piece():
+    import trio
+    import trio.testing
+
+    from dadi.p2p.metrics import SupernodeMetrics
+    from dadi.p2p.peerproto import PEER_PORT_HEADER
+    from dadi.p2p.peerredirect import TrackerRedirector
+    from dadi.p2p.piececache import PIECE_SIZE
+    from dadi.p2p.tracker import HOLD_POLL
+
+    redirector = TrackerRedirector(SupernodeMetrics(), clock=trio.current_time, rng=random.Random(1))
+    node = {PEER_PORT_HEADER: "8901"}  # requests from nodes that serve peers
+
+    async def main():
+        # Nobody holds the piece: the supernode serves the first two nodes itself (its seeds)...
+        for seed in ("10.0.0.1", "10.0.0.2"):
+            assert await redirector.redirect("app", D, 0, PIECE_SIZE - 1, seed, node) is None
+        # ...and holds the third until a seed announces the piece.
+        got = {}
+
+        async def third():
+            got["location"] = await redirector.redirect("app", D, 0, PIECE_SIZE - 1, "10.0.0.3", node)
+            got["at"] = trio.current_time()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(third)
+            await trio.sleep(HOLD_POLL / 4)
+            redirector.announce("10.0.0.2", Announce(8901, {D: [0]}, {}))
+            announced = trio.current_time()
+        assert got["location"].startswith(f"http://10.0.0.2:8901/v2/app/blobs/{D}?")
+        assert got["at"] == announced  # woken by the announce, not by its next look HOLD_POLL later
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

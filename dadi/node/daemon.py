@@ -295,7 +295,8 @@ class Daemon:
             self._nursery.start_soon(self._finish_trace, name, trace)
         view = View(name, layers, fetcher=fetcher, limiter=self.limiter, memory=self.memory,
                     writable=writable, io_timeout=float(request.get("io_timeout", 30)), gate=self.gate,
-                    spawn=self._nursery.start_soon, trace=trace, store_lock=self.store_lock)
+                    spawn=self._nursery.start_soon, trace=trace, store_lock=self.store_lock,
+                    on_stored=self.peers.chunks_stored)
         state = ViewState(view, request, sources, image, manifest)
         self.views[name] = state
         self.fs.add(view)
@@ -358,8 +359,7 @@ class Daemon:
                     chunk_sources.insert(0, _supernode_set(supernodes, source.ref, options.authfile,
                                                            lambda: self.peers.port))
             self._fetchers[key] = Fetcher(chunk_sources, limiter=self.limiter,
-                                          on_request=self.metrics.observe_request if self.metrics else None,
-                                          on_verified=self.peers.chunk_verified)
+                                          on_request=self.metrics.observe_request if self.metrics else None)
         fetcher = self._fetchers[key]
         return ref, manifest, layers, fetcher, [s.name for s in fetcher.sources]
 

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,9 +109,11 @@ class ReadTimeout(ReadFailed):
 class View:
     def __init__(self, name: str, layers: list[LayerBlob], *, fetcher, limiter: trio.CapacityLimiter,
                  memory: ChunkLRU, writable=None, io_timeout: float = 30.0, gate=None, spawn=None,
-                 trace=None, store_lock: threading.Lock | None = None):
+                 trace=None, store_lock: threading.Lock | None = None,
+                 on_stored: Callable[[str, list[int]], None] | None = None):
         """`gate` (dadi.node.prefetch.OnDemandGate) is told when reads wait on the network; `spawn`
-        starts a background task (read-ahead; none without it); `trace` records what reads need."""
+        starts a background task (read-ahead; none without it); `trace` records what reads need;
+        `on_stored(digest, indexes)` hears of fetched chunks once they are in the cache (the announcer)."""
         self.name = name
         self.layers = layers
         self.fetcher = fetcher
@@ -125,6 +128,7 @@ class View:
         # Shared by every view of a daemon: views of one image share its blob caches, and a chunk two of
         # them fetched at once must be stored (and counted) once.
         self._store_lock = store_lock or threading.Lock()
+        self.on_stored = on_stored
         self._next_offset = -1  # where a sequential read would start
         self._ahead_end = -1  # where the last read-ahead window ends
         self._window = 0  # read-ahead window, disk bytes; 0: reads are not sequential
@@ -278,7 +282,10 @@ class View:
             if isinstance(e, FetchTimeout):
                 raise ReadTimeout(str(e)) from e
             raise ReadFailed(str(e)) from e  # every source failed every retry: fail now, not at the deadline
-        return await self._in_thread(self._store, layer, stored, purpose)
+        out = await self._in_thread(self._store, layer, stored, purpose)
+        if self.on_stored is not None:
+            self.on_stored(layer.digest, list(stored))
+        return out
 
     def _fail_fast(self, digest: str, indexes: list[int]) -> None:
         """ReadFailed if a chunk of `indexes` failed to come for a read just now (FAIL_FAST_SECONDS)."""

@@ -1,15 +1,20 @@
 """A peer's announces to its supernodes: which pieces of which blobs this node can serve.
 
-CHECK_INTERVAL seconds after a chunk arrives (`chunk_arrived`, the fetcher's on_verified hook; arrivals
-in between are batched), and every IDLE_CHECK_INTERVAL seconds otherwise, the announcer looks at the blobs
-of the views and works out the pieces each can serve whole: only the pieces of the chunks the fetcher
-verified since, or the whole blob (peer.held_pieces) when it lost chunks, was verified, or is new.
-It sends each supernode what changed since its last announce: pieces gained
-(on completion of a piece, so within CHECK_INTERVAL) and pieces lost (a view unmounted, a blob evicted,
-a chunk that failed its xxh3: within IDLE_CHECK_INTERVAL). Every ANNOUNCE_INTERVAL seconds, after a failure, and whenever a
-supernode hands out a new ticket key (it restarted, and forgot us), the announce is full instead. At
-shutdown the node says it leaves. Requests run in worker threads; a supernode that does not answer costs
-a log line and a full announce next time, never a read.
+As soon as fetched chunks reach the cache (`chunks_arrived`, the views' on_stored hook), and every
+IDLE_CHECK_INTERVAL seconds otherwise, the announcer looks at the blobs of the views and works out the
+pieces each can serve whole: only the pieces of the chunks stored since, or the whole blob
+(peer.held_pieces) when it lost chunks, was verified, or is new. It sends each supernode what changed
+since its last announce: pieces gained (on completion of a piece, at once) and pieces lost (a view
+unmounted, a blob evicted, a chunk that failed its xxh3: within IDLE_CHECK_INTERVAL). Chunks that arrive
+while an announce is on its way go out together in the next one: batching comes from the round trip,
+not from a delay. Every ANNOUNCE_INTERVAL seconds, after a failure, and whenever a supernode hands out a
+new ticket key (it restarted, and forgot us), the announce is full instead. At shutdown the node says it
+leaves. Requests run in worker threads; a supernode that does not answer costs a log line and a full
+announce next time, never a read.
+
+Why at once: nodes starting together ask for the same piece within milliseconds of each other, and the
+supernode holds their requests (tracker.HOLD_SECONDS) until one of the first to get it announces it.
+Each millisecond before the announce is one more that those reads wait.
 
 The supernode's answers carry the ticket keys the peer server checks (peerproto.py): `keys()`.
 """
@@ -30,13 +35,9 @@ from dadi.p2p.tracker import ANNOUNCE_INTERVAL
 
 log = logging.getLogger(__name__)
 
-# Seconds between looks for completed pieces: the delay before others can use one. Nodes starting together
-# ask for the same piece within milliseconds of each other; the sooner the first holder announces it,
-# the more of the others the supernode can send to it instead of serving them itself.
-CHECK_INTERVAL = 0.02
 # Seconds between looks when no chunk arrived: for what changes without an arrival (a view mounted on chunks
-# already cached, a view unmounted, a blob evicted or verified). Looking every CHECK_INTERVAL instead cost
-# each daemon 50 wake-ups a second, noticeable when 8 daemons share 2 cores (tools/bench/p2p.py).
+# already cached, a view unmounted, a blob evicted or verified). Looking every 20 ms instead cost each
+# daemon 50 wake-ups a second, noticeable when 8 daemons share 2 cores (tools/bench/p2p.py).
 IDLE_CHECK_INTERVAL = 0.5
 REQUEST_TIMEOUT = 5.0
 
@@ -70,13 +71,12 @@ class Announcer:
         self._session = session
         self._targets: dict[str, _Target] = {}
         self._held: dict[str, tuple[tuple[int, bool], set[int]]] = {}  # digest -> (state, pieces)
-        self._arrived: dict[str, set[int]] = {}  # digest -> chunks verified since the last look
-        self._arrival = trio.Event()  # set by chunk_arrived: look again soon
+        self._arrived: dict[str, set[int]] = {}  # digest -> chunks stored since the last look
+        self._arrival = trio.Event()  # set by chunks_arrived: look again now
 
-    def chunk_arrived(self, digest: str, index: int) -> None:
-        """The fetcher verified chunk `index` of blob `digest` (it is being written to the cache). Called in
-        the daemon's trio thread (Fetcher._take_reply)."""
-        self._arrived.setdefault(digest, set()).add(index)
+    def chunks_arrived(self, digest: str, indexes: list[int]) -> None:
+        """Chunks `indexes` of blob `digest` are in the cache. Called in the daemon's trio thread."""
+        self._arrived.setdefault(digest, set()).update(indexes)
         self._arrival.set()
 
     def keys(self) -> list[bytes]:
@@ -89,7 +89,6 @@ class Announcer:
                 await self._arrival.wait()
             if self._arrival.is_set():
                 self._arrival = trio.Event()
-                await trio.sleep(CHECK_INTERVAL)  # the chunks arriving with this one go in the same announce
 
     async def announce_once(self) -> None:
         wanted = self.blobs()
@@ -133,14 +132,9 @@ class Announcer:
         if cached is None or state[0] < cached[0][0] or state[1] != cached[0][1]:
             pieces = await trio.to_thread.run_sync(held_pieces, layer)  # new, lost chunks, or verified
         else:
-            # A chunk reaches the cache just after the fetcher verified it: one not there yet is looked
-            # at again next time; a piece still missing other chunks is looked at when they arrive.
+            # A piece still missing other chunks is looked at again when they arrive.
             pieces = set(cached[1])
             pieces |= {p for p in pieces_of_chunks(layer, arrived) - pieces if piece_is_held(layer, p)}
-            not_yet = {i for i in arrived if not layer.cache.has(i)}
-            if not_yet:
-                self._arrived.setdefault(layer.digest, set()).update(not_yet)
-                self._arrival.set()  # look again in CHECK_INTERVAL, not IDLE_CHECK_INTERVAL
         self._held[layer.digest] = (state, pieces)
         return pieces
 

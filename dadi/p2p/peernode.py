@@ -64,10 +64,10 @@ class PeerNode:
         nursery.start_soon(self._announce)
         log.info("serving verified chunks to peers on %s", " ".join(binds))
 
-    def chunk_verified(self, digest: str, index: int, stored: bytes) -> None:
-        """The fetchers' on_verified hook: a chunk arrived, so a piece may be complete (announce it)."""
+    def chunks_stored(self, digest: str, indexes: list[int]) -> None:
+        """The views' on_stored hook: chunks reached the cache, so pieces may be complete (announce them)."""
         if self.announcer is not None:
-            self.announcer.chunk_arrived(digest, index)
+            self.announcer.chunks_arrived(digest, indexes)
 
     def _keys(self) -> list[bytes]:
         return self.announcer.keys() if self.announcer is not None else []

@@ -12,10 +12,11 @@ driven with the simulation's clock and a seeded Random), and the node's trace pr
   runs for `--run-seconds` (the benchmark's start from a local layout). Its start time is when that ends.
 - A request goes to the node's supernode for the piece (rendezvous over its data centre's supernodes).
   The supernode asks RedirectPolicy.decide: a redirect costs the node a round trip and sends it to a
-  peer; "hold" makes the request ask again (RedirectPolicy.retry) every HOLD_POLL for up to HOLD_SECONDS
-  while the piece's seeds get it; otherwise the supernode serves the piece (RedirectPolicy.served), from
-  its cache or after one registry fetch shared by everyone waiting (single-flight). A node that got a
-  piece announces it after `--announce-delay`.
+  peer; "hold" makes the request ask again (RedirectPolicy.retry) when the piece is announced and every
+  HOLD_POLL, for up to HOLD_SECONDS, while the piece's seeds get it; otherwise the supernode serves the
+  piece (RedirectPolicy.served), from its cache or after one registry fetch shared by everyone waiting
+  (single-flight). A node that got a piece announces it at once: the tracker knows after
+  `--announce-delay` (default: half a round trip in the data centre).
 - Uplinks are FIFO servers: a transfer waits for the sender's uplink, then takes size / the slower of
   the sender's uplink and the receiver's downlink; latency is half a round trip each way. A node takes
   at most TRACE_WORKERS pieces at once, so its downlink is not queued. There is no TCP ramp-up, loss
@@ -48,7 +49,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools" / "bench"))
 
 from dadi.node.prefetch import TRACE_WORKERS  # noqa: E402
-from dadi.p2p.announce import CHECK_INTERVAL  # noqa: E402
 from dadi.p2p.piececache import PIECE_SIZE  # noqa: E402
 from dadi.p2p.sources import DEFAULT_COOLDOWN, piece_key, rendezvous_order  # noqa: E402
 from dadi.p2p.tracker import HOLD_POLL, HOLD_SECONDS, Decision, RedirectPolicy, Tracker  # noqa: E402
@@ -80,6 +80,7 @@ class Supernode(Host):
     pending: dict[int, float] = field(default_factory=dict)  # piece -> when its registry fetch lands
     policy: RedirectPolicy = field(default_factory=RedirectPolicy)
     dead_from: float = float("inf")
+    held: dict[int, set[int]] = field(default_factory=dict)  # piece -> held requests' ids, woken by announces
 
 
 @dataclass
@@ -120,6 +121,8 @@ class Simulation:
         self.peer_bytes = 0
         self.redirects = 0
         self.holds = 0  # retries of requests told to wait for a seed to announce the piece
+        self._holds: dict[int, tuple[str, str, int, float]] = {}  # waiting: id -> (node, supernode, piece, until)
+        self._next_hold = 0
         self.failovers = 0
         killed = 0
         for i in range(args.supernodes_per_dc):
@@ -177,6 +180,8 @@ class Simulation:
         for supernode in node.supernodes:  # a node announces to every supernode it uses
             if supernode.dead_from > self.now:
                 supernode.policy.tracker.announce(name, self.now, add={DIGEST: [piece]})
+                for hold in supernode.held.pop(piece, ()):  # the code wakes its held requests at an announce
+                    self._on_retry(*self._holds.pop(hold))
 
     # -- one piece ----------------------------------------------------------------------------------
 
@@ -208,6 +213,12 @@ class Simulation:
         decision = supernode.policy.decide(DIGEST, start, end, self.now, self.rng, requester=name)
         self._follow(node, supernode, piece, decision, self.now + HOLD_SECONDS)
 
+    def _on_poll(self, hold: int) -> None:
+        if hold in self._holds:  # not woken by an announce meanwhile
+            name, supernode_name, piece, hold_until = self._holds.pop(hold)
+            self.supernodes[supernode_name].held.get(piece, set()).discard(hold)
+            self._on_retry(name, supernode_name, piece, hold_until)
+
     def _on_retry(self, name: str, supernode_name: str, piece: int, hold_until: float) -> None:
         node, supernode = self.by_name[name], self.supernodes[supernode_name]
         start, end = piece * PIECE_SIZE, (piece + 1) * PIECE_SIZE
@@ -225,7 +236,11 @@ class Simulation:
             self.peer_bytes += PIECE_SIZE
         elif decision.reason == "hold" and self.now + HOLD_POLL <= hold_until:
             self.holds += 1
-            self.at(self.now + HOLD_POLL, "retry", node.name, supernode.name, piece, hold_until)
+            hold = self._next_hold
+            self._next_hold += 1
+            self._holds[hold] = (node.name, supernode.name, piece, hold_until)
+            supernode.held.setdefault(piece, set()).add(hold)
+            self.at(self.now + HOLD_POLL, "poll", hold)
             return
         else:
             done = self._serve(supernode, node, piece)
@@ -297,8 +312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--registry-gbit", type=float, default=10.0, help="the registry's total egress")
     parser.add_argument("--dc-rtt", type=float, default=0.0005, help="round trip inside a data centre, s")
     parser.add_argument("--registry-rtt", type=float, default=0.03, help="round trip to the registry, s")
-    parser.add_argument("--announce-delay", type=float, default=CHECK_INTERVAL,
-                        help="piece landed -> tracker knows, s (default: the daemon's announce interval)")
+    parser.add_argument("--announce-delay", type=float, default=None,
+                        help="piece landed -> tracker knows, s (default: half of --dc-rtt: the announce's trip)")
     parser.add_argument("--start-spread", type=float, default=0.0, help="nodes start uniformly over this, s")
     parser.add_argument("--fanout", type=int, default=0, help="override the tracker's PEER_FANOUT (0: the code's)")
     parser.add_argument("--kill-supernodes", type=int, default=0)
@@ -308,7 +323,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "apply to each), print a table")
     parser.add_argument("--write", action="store_true", help="with --scenarios: write the table into "
                         "docs/BENCHMARKS.md")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.announce_delay is None:
+        args.announce_delay = args.dc_rtt / 2
+    return args
 
 
 SCENARIOS = [
