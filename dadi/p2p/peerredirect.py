@@ -57,7 +57,6 @@ class TrackerRedirector:
         # Per process: a restarted supernode hands out new keys with the next announces, and tickets
         # live a minute, so nothing needs to survive a restart.
         self._secret = secret or secrets.token_bytes(32)
-        self._announced = trio.Event()  # set (and replaced) by every announce: wakes the held requests
 
     def announce(self, client: str, announce: Announce) -> dict:
         """Record a peer's announce (from address `client`); the answer the peer gets."""
@@ -77,8 +76,6 @@ class TrackerRedirector:
             log.debug("peer %s announced %d pieces, withdrew %d", peer,
                       sum(map(len, announce.add.values())), sum(map(len, announce.withdraw.values())))
         self._gauges()
-        self._announced.set()
-        self._announced = trio.Event()
         return {"peer": peer, "key": peer_key(self._secret, peer).hex(), "ttl": self.tracker.ttl,
                 "interval": ANNOUNCE_INTERVAL}
 
@@ -102,9 +99,7 @@ class TrackerRedirector:
         if decision.reason == "hold":  # seeds are being served: wait for one of them to announce it
             give_up = now + HOLD_SECONDS
             while decision.peer is None and self._clock() < give_up:
-                # Asked again at each announce (a seed got it), and every HOLD_POLL (a holder's slot freed).
-                with trio.move_on_after(HOLD_POLL):
-                    await self._announced.wait()
+                await trio.sleep(HOLD_POLL)
                 decision = self.policy.retry(digest, start, end + 1, self._clock(), self._rng, requester=requester)
             self.metrics.held.labels("peer" if decision.peer else "timeout").inc()
         self.metrics.redirects.labels(decision.reason).inc()
