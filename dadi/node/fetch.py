@@ -30,8 +30,8 @@ in the chunk table (the trust anchor, docs/FORMAT.md "Trust chain"), or raises. 
 - **Verification in the worker thread.** Hashing up to `max_request_bytes` per request would stall the
   event loop (and every other read); the thread that fetched the bytes hashes them too.
 
-`stats` holds plain counters (easy to export to prometheus later); `on_verified(digest, index, stored)`
-lets the daemon write each verified chunk into its cache.
+`stats` holds plain counters (easy to export to prometheus later); the caller stores what it gets
+(dadi.node.view.View._store).
 """
 
 from __future__ import annotations
@@ -390,9 +390,6 @@ class _HeldToken:
             self._limiter.release_on_behalf_of(self._borrower)
 
 
-OnVerified = Callable[[str, int, bytes], None]
-
-
 class Fetcher:
     """Verified chunks of layer blobs from `sources` (in order of preference); see the module docstring."""
 
@@ -408,7 +405,6 @@ class Fetcher:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         corrupt_penalty: float = 300.0,
         failure_penalty: float = 5.0,
-        on_verified: OnVerified | None = None,
         on_request: Callable[[str, float, bool], None] | None = None,
     ):
         if not sources:
@@ -426,7 +422,6 @@ class Fetcher:
         self.max_request_bytes = max_request_bytes
         self.corrupt_penalty = corrupt_penalty
         self.failure_penalty = failure_penalty
-        self.on_verified = on_verified
         self.on_request = on_request  # (source name, seconds, ok) after every range request: metrics
         self.stats = FetchStats()
         self._limiter = limiter
@@ -645,12 +640,6 @@ class Fetcher:
             self.stats.bytes_by_source[source.name] += len(stored)
             self.stats.bytes_by_purpose[purpose] += len(stored)
             self._settle(digest, i, flights[i], stored, None)
-            if self.on_verified is not None:
-                try:
-                    self.on_verified(digest, i, stored)
-                except Exception:
-                    # The bytes are verified and served anyway; the cache merely misses them.
-                    log.exception("on_verified hook failed for %s chunk %d", digest, i)
         if reply.corrupt:
             self.stats.corrupt_chunks += len(reply.corrupt)
             self.stats.corrupt_by_source[source.name] += len(reply.corrupt)

@@ -44,8 +44,10 @@ class NodeMetrics:
 
     def serve(self, address: str) -> None:
         """Serve /metrics on HOST:PORT in a thread of its own (scrapes never wait for the trio loop)."""
-        host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry)
+        from dadi.p2p.httpserver import split_listen
+
+        host, port = split_listen(address)
+        start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)
 
 
 class _Collector:

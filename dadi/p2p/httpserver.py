@@ -51,7 +51,7 @@ async def serve(app: App, listen: str, *, keep_alive: float, graceful: float,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve `app` on HOST:PORT until `shutdown()` returns (default: until cancelled); task_status gets
     the bound addresses as http://HOST:PORT (the port is known with port 0)."""
-    host, port = _split(listen)
+    host, port = split_listen(listen)
     listeners = await trio.open_tcp_listeners(port, host=host)
     server = _Server(app, keep_alive)
     async with trio.open_nursery() as nursery:
@@ -67,7 +67,8 @@ async def serve(app: App, listen: str, *, keep_alive: float, graceful: float,
         connections.cancel()
 
 
-def _split(listen: str) -> tuple[str | None, int]:
+def split_listen(listen: str) -> tuple[str | None, int]:
+    """HOST:PORT (or [V6]:PORT, or :PORT) as (host or None for every interface, port)."""
     host, _, port = listen.rpartition(":")
     if not port.isdigit():
         raise ValueError(f"listen address {listen!r}: HOST:PORT expected")
