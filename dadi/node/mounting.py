@@ -13,6 +13,7 @@ except ImportError:  # another interpreter, or a newer CPython (_sha2)
     from hashlib import sha256
 
 from dadi.errors import DadiError
+from dadi.node import loopdev
 from dadi.node.control import ensure_daemon, request
 
 # The loop device's read-ahead: how much ext4 reads at once when a file is read from start to end. Loop
@@ -71,8 +72,7 @@ def mount(root: Path, image: str, directory: Path, *, name: str | None = None, r
         # at once, forever: the container sat in D state while the registry was down. Direct I/O also
         # keeps the bytes out of a second page cache (ext4's above the loop device is the one that counts).
         # Once every chunk is local the daemon turns it off (dadi/node/loopdev.py says why).
-        loop = _run(["losetup", "--find", "--show", "--sector-size", "4096", "--direct-io=on", *([] if rw else ["--read-only"]),
-                     view["path"]], "attaching the view to a loop device")
+        loop = loopdev.attach(view["path"], read_only=not rw)
         _set_read_ahead(loop, read_ahead)
         # noload: never replay a journal on a read-only view; noinit_itable: the image's inode tables
         # are lazily initialised, and zeroing them would write gigabytes into the writable layer.
@@ -81,7 +81,8 @@ def mount(root: Path, image: str, directory: Path, *, name: str | None = None, r
         request(root, {"op": "attach", "name": name, "loop": loop, "mountpoint": str(directory.resolve())})
     except BaseException:
         if loop:
-            subprocess.run(["losetup", "-d", loop], capture_output=True)
+            with contextlib.suppress(DadiError):
+                loopdev.detach(loop)
         with contextlib.suppress(DadiError):
             request(root, {"op": "remove_view", "name": name})
         raise
@@ -113,7 +114,8 @@ def umount(root: Path, directory: Path, *, force: bool = False, discard: bool = 
         if result.returncode != 0 and os.path.ismount(view["mountpoint"]):
             raise DadiError(f"umount {view['mountpoint']}: {result.stderr.strip()} (--force detaches it lazily)")
     if view.get("loop"):
-        subprocess.run(["losetup", "-d", view["loop"]], capture_output=True)
+        with contextlib.suppress(DadiError):  # as `losetup -d` was: the view goes on being removed
+            loopdev.detach(view["loop"])
     request(root, {"op": "remove_view", "name": view["name"], "discard": discard})
     return view
 

@@ -41,8 +41,7 @@ def attach_view(node_root: Path, name: str, image: str, layers: list[str], *, rw
     state: dict = {"view": name}
     try:
         # Direct I/O and 4 KiB sectors as `dadi mount` does (see dadi/node/mounting.py for why).
-        state["loop"] = _run(["losetup", "--find", "--show", "--sector-size", "4096", "--direct-io=on",
-                              *([] if rw else ["--read-only"]), view["path"]], f"attaching view {name}")
+        state["loop"] = loopdev.attach(view["path"], read_only=not rw)
         _set_read_ahead(state["loop"], DEFAULT_READ_AHEAD)
         if lower is not None:
             lower.mkdir(parents=True, exist_ok=True)
@@ -66,7 +65,8 @@ def detach_view(node_root: Path, state: dict) -> None:
             raise DadiError(f"umount {lower}: {result.stderr.strip()}")
     loop = state.get("loop")
     if loop and loopdev.backing_file(loop) is not None:
-        subprocess.run(["losetup", "-d", loop], capture_output=True)
+        with contextlib.suppress(DadiError):  # as `losetup -d` was: the view goes on being removed
+            loopdev.detach(loop)
     if state.get("view"):
         remove_daemon_view(node_root, state["view"])
 
