@@ -173,6 +173,27 @@ def test_range_reads_return_exactly_the_bytes_asked_for(client):
         client.get_blob("dadi/ranges", digest, offset=60_000, length=10)
 
 
+def test_the_environments_proxy_settings_are_followed_on_every_request(registry, monkeypatch):
+    # The client's session reads them once per host (dadi.registry.client.RegistrySession), not per request.
+    from forward_proxy import ForwardProxy
+
+    data = pseudo_random(4, 50_000)
+    digest = sha(data)
+    with RegistryClient(registry.host, plain_http=True) as client:  # the test proxy forwards only reads
+        client.put_blob("dadi/proxied", digest, data, len(data))
+    with ForwardProxy() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "")
+        with RegistryClient(registry.host, plain_http=True) as client:
+            for offset in (0, 100, 200):
+                assert client.get_blob("dadi/proxied", digest, offset=offset, length=10) == data[offset:offset + 10]
+        assert len(proxy.blob_gets()) == 3
+        monkeypatch.setenv("NO_PROXY", registry.host.partition(":")[0])
+        with RegistryClient(registry.host, plain_http=True) as client:
+            assert client.get_blob("dadi/proxied", digest, offset=0, length=10) == data[:10]
+        assert len(proxy.blob_gets()) == 3, "a host in NO_PROXY is reached directly"
+
+
 def test_absent_blob_is_none_on_head_and_a_named_error_on_get(client):
     digest = sha(b"never pushed")
     assert client.head_blob("dadi/empty", digest) is None

@@ -9,8 +9,9 @@ unmounted, a blob evicted, a chunk that failed its xxh3: within IDLE_CHECK_INTER
 while an announce is on its way go out together in the next one: batching comes from the round trip,
 not from a delay. Every ANNOUNCE_INTERVAL seconds, after a failure, and whenever a supernode hands out a
 new ticket key (it restarted, and forgot us), the announce is full instead. At shutdown the node says it
-leaves. Requests run in worker threads; a supernode that does not answer costs a log line and a full
-announce next time, never a read.
+leaves. Requests run in worker threads, on urllib3 (keep-alive, no environment lookups: 0.27-0.34 ms
+of CPU per announce to a local supernode, 0.46-0.54 ms with requests); a supernode that does not answer
+costs a log line and a full announce next time, never a read.
 
 Why at once: nodes starting together ask for the same piece within milliseconds of each other, and the
 supernode holds their requests (tracker.HOLD_SECONDS) until one of the first to get it announces it.
@@ -21,13 +22,14 @@ The supernode's answers carry the ticket keys the peer server checks (peerproto.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import requests
 import trio
+import urllib3
 
 from dadi.p2p.peer import held_pieces, piece_is_held, pieces_of_chunks
 from dadi.p2p.peerproto import ANNOUNCE_PATH, Announce
@@ -60,15 +62,13 @@ class _Target:
 class Announcer:
     """`blobs()` gives, per supernode URL, the LayerBlobs (dadi.node.view) of the views that use it."""
 
-    def __init__(self, port: int, blobs: Callable[[], dict[str, list[Any]]], *,
-                 session: requests.Session | None = None):
+    def __init__(self, port: int, blobs: Callable[[], dict[str, list[Any]]]):
         self.port = port
         self.blobs = blobs
         self.stats = AnnounceStats()
-        if session is None:
-            session = requests.Session()
-            session.trust_env = False  # supernodes are in the node's data centre: no HTTP(S)_PROXY (docs/P2P.md)
-        self._session = session
+        # Straight to the supernodes, which are in the node's data centre: no HTTP(S)_PROXY (docs/P2P.md).
+        # No retries: a failed announce is followed by a full one.
+        self._pool = urllib3.PoolManager(retries=False, timeout=REQUEST_TIMEOUT)
         self._targets: dict[str, _Target] = {}
         self._held: dict[str, tuple[tuple[int, bool], set[int]]] = {}  # digest -> (state, pieces)
         self._arrived: dict[str, set[int]] = {}  # digest -> chunks stored since the last look
@@ -141,7 +141,7 @@ class Announcer:
     async def _send(self, url: str, target: _Target, message: Announce) -> bool:
         try:
             answer = await trio.to_thread.run_sync(self._post, url, message.to_json(), abandon_on_cancel=True)
-        except (requests.RequestException, ValueError, KeyError) as e:
+        except (_AnnounceFailed, urllib3.exceptions.HTTPError, ValueError, KeyError) as e:
             self.stats.failures += 1
             if not target.failed:
                 log.warning("announce to supernode %s failed: %s (trying again, in full)", url, e)
@@ -161,11 +161,12 @@ class Announcer:
         return True
 
     def _post(self, url: str, body: bytes) -> dict:
-        resp = self._session.post(url.rstrip("/") + ANNOUNCE_PATH, data=body, timeout=REQUEST_TIMEOUT,
+        resp = self._pool.request("POST", url.rstrip("/") + ANNOUNCE_PATH, body=body,
                                   headers={"Content-Type": "application/json"})
-        if resp.status_code != 200:
-            raise requests.RequestException(f"HTTP {resp.status_code}: {resp.text.strip()[:200]}")
-        return resp.json()
+        if resp.status != 200:
+            text = resp.data.decode(errors="replace").strip()[:200]
+            raise _AnnounceFailed(f"HTTP {resp.status}: {text}")
+        return json.loads(resp.data)
 
     async def leave(self) -> None:
         """Tell every supernode we stop serving (best effort, a second at most)."""
@@ -175,5 +176,10 @@ class Announcer:
                 try:
                     await trio.to_thread.run_sync(self._post, url, Announce(self.port, {}, {}, leave=True).to_json(),
                                                   abandon_on_cancel=True)
-                except (requests.RequestException, ValueError):
+                except (_AnnounceFailed, urllib3.exceptions.HTTPError, ValueError):
                     pass
+        self._pool.clear()
+
+
+class _AnnounceFailed(Exception):
+    """The supernode answered an announce with an error."""

@@ -24,7 +24,7 @@ import requests
 from dadi.errors import RegistryDenied, RegistryError, RegistryNotFound, RegistryUnauthorized
 from dadi.p2p.errors import AccessDenied, NotFound, SupernodeError, UpstreamError
 from dadi.registry.auth import Credentials
-from dadi.registry.client import RegistryClient
+from dadi.registry.client import RegistryClient, RegistrySession
 
 MAX_CLIENTS = 256  # distinct node credentials kept with a warm session; more are rebuilt when needed
 REQUEST_TIMEOUT = 30.0  # seconds per connect and per socket read (the registry client's `timeout`)
@@ -55,7 +55,7 @@ class Upstream:
         )  # fmt: skip
 
     def _session(self) -> requests.Session:
-        session = requests.Session()
+        session = RegistrySession()
         if self.proxy:
             session.proxies = {"http": self.proxy, "https": self.proxy}
             # Environment proxies would win over the session's (requests merges them first).

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlencode, urljoin
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -55,6 +55,38 @@ class Manifest:
         return json.loads(self.body)
 
 
+class RegistrySession(requests.Session):
+    """A requests.Session that looks the environment's proxy and CA-bundle settings up once per scheme and
+    host, not on every request: requests scans os.environ for them twice per request, 0.7 ms of the 1.6 ms
+    of CPU a 1 MiB range GET from a local registry cost. What the environment says is still what counts;
+    it is only read once (no dadi process changes its proxy variables while it runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._environment: dict[tuple, dict[str, Any]] = {}
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):
+        if not self.trust_env or not isinstance(proxies, dict) or not _hashable(verify, cert, self.verify, self.cert):
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        parts = urlsplit(url)
+        # Everything the answer depends on but the environment (and the session's own settings with it).
+        key = (parts.scheme, parts.netloc, tuple(sorted(proxies.items())), stream, verify, cert,
+               tuple(sorted(self.proxies.items())), self.stream, self.verify, self.cert)
+        settings = self._environment.get(key)
+        if settings is None:
+            settings = self._environment[key] = super().merge_environment_settings(
+                url, dict(proxies), stream, verify, cert)
+        return {**settings, "proxies": dict(settings["proxies"])}  # requests may change what it gets
+
+
+def _hashable(*values: object) -> bool:
+    try:
+        hash(values)
+    except TypeError:
+        return False
+    return True
+
+
 class _TransientError(RegistryError):
     """Network trouble that outlasted the retries; an upload restarts its session on it."""
 
@@ -78,6 +110,16 @@ def _network_error_text(exc: Exception) -> str:
     if text.startswith("HTTPConnection(") or text.startswith("HTTPSConnection("):
         text = text.partition(": ")[2] or text
     return text
+
+
+def _read_body(resp: requests.Response) -> bytes:
+    """`resp.content`, read in one go. requests' own `.content` reads a body in 10 KiB pieces, each through
+    urllib3's buffering: 100 Python round trips per MiB. A 1 MiB get_blob from a local registry took
+    2.9-3.1 ms of CPU, 1.6-1.7 ms read in one go (1.1-1.3 ms with RegistrySession too). Errors are requests'
+    own, as `.content` raises them."""
+    if resp._content is False:  # not read yet; requests keeps the body there once read (see Response.content)
+        resp._content = b"".join(resp.iter_content(None))  # None: whatever the socket has, all of it
+    return resp.content
 
 
 def registry_error_text(resp: requests.Response) -> str:
@@ -131,7 +173,7 @@ class RegistryClient:
         self.backoff = backoff
         self.base_url = f"{'http' if plain_http else 'https'}://{host}/v2/"
         self._own_session = session is None
-        self.session = session if session is not None else requests.Session()
+        self.session = session if session is not None else RegistrySession()
         self.auth = RegistryAuth(
             host, self.session, authfile=authfile, timeout=timeout, credentials=credentials, anonymous=anonymous
         )
@@ -201,7 +243,7 @@ class RegistryClient:
                     timeout=self.timeout,
                 )
                 if not stream and resp.status_code < 300:
-                    resp.content  # noqa: B018 - read now, so that a body cut short is retried
+                    _read_body(resp)  # read now, so that a body cut short is retried
             except _TRANSIENT as exc:
                 if resp is not None:
                     resp.close()
