@@ -59,8 +59,9 @@ def attach(path: str | os.PathLike, *, read_only: bool, direct_io: bool = True, 
             device = f"/dev/loop{_free_index()}"
             try:
                 fd = os.open(device, mode | os.O_CLOEXEC)
-            except FileNotFoundError:  # the free device's node is not there yet: devtmpfs adds it
-                continue
+            except FileNotFoundError as e:  # devtmpfs adds the node before LOOP_CTL_GET_FREE returns
+                raise DadiError(f"attaching {path}: the kernel made {device}, but there is no such file "
+                                "(is /dev a devtmpfs?)") from e
             except OSError as e:
                 raise DadiError(f"attaching {path}: opening {device}: {e.strerror}") from e
             try:
