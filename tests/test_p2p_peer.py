@@ -56,6 +56,28 @@ def test_read_range_serves_cached_chunks_only_and_rechecks_them(cached):
     assert not layer.cache.has(4) and layer.cache.corrupt == 1
 
 
+def test_a_fetch_of_most_of_a_piece_takes_all_of_it_so_that_the_node_can_announce_it(cached):
+    from dadi.node.view import round_to_pieces
+
+    blob, layer, _ = cached
+    chunks, piece = blob.tables.chunks, 16384
+    overlapping = [i for i, c in enumerate(chunks) if c.offset < 2 * piece and c.offset + c.length > piece]
+    inside = [i for i in overlapping if chunks[i].offset >= piece and chunks[i].offset + chunks[i].length <= 2 * piece]
+    most = inside[1:]  # a run of chunks that covers 75% or more of piece 1, not all of it
+    assert 0.75 * piece <= sum(chunks[i].length for i in most) < piece
+    rounded = round_to_pieces(layer, most, piece, 0.75)
+    assert rounded == overlapping  # the chunks straddling its edges too
+    blob.fill(layer.cache, most)
+    assert not peer.piece_is_held(layer, 1, piece)  # what the run alone gives: nothing to announce
+    blob.fill(layer.cache, rounded)
+    assert peer.piece_is_held(layer, 1, piece)
+    # A small part of a piece (a sparse read) is left as it is; chunks already cached are not fetched again.
+    around = [i for i, c in enumerate(chunks) if c.offset < 4 * piece and c.offset + c.length > 3 * piece]
+    assert round_to_pieces(layer, around[1:3], piece, 0.75) == around[1:3]
+    blob.fill(layer.cache, [around[1]])
+    assert round_to_pieces(layer, around[2:], piece, 0.75) == [around[0], *around[2:]]
+
+
 def test_the_server_answers_ranges_with_a_ticket_and_refuses_the_rest(cached):
     blob, layer, _ = cached
     blob.fill(layer.cache)

@@ -431,6 +431,15 @@ class Fetcher:
 
     # -- the API ---------------------------------------------------------------------------------
 
+    @property
+    def pieces(self) -> tuple[int, float] | None:
+        """(piece size, seed share) when the first source serves in pieces and this node can seed them
+        (supernodes, while it serves peers: SupernodeSet.seed_share): a fetch covering that share of a
+        piece should cover all of it. None otherwise (a registry serves any range alike)."""
+        source = self.sources[0]
+        piece_size, share = getattr(source, "piece_size", None), getattr(source, "seed_share", None)
+        return (piece_size, share) if piece_size and share else None
+
     async def fetch(
         self,
         digest: str,

@@ -272,6 +272,9 @@ class View:
         on_demand = purpose == "on_demand"  # not a prefetch, nor a read-ahead, whose failures fail no read
         if on_demand:
             self._fail_fast(layer.digest, indexes)
+        pieces = self.fetcher.pieces
+        if pieces is not None:
+            indexes = round_to_pieces(layer, indexes, *pieces)
         try:
             with self.gate.busy() if self.gate is not None and purpose != "prefetch" else contextlib.nullcontext():
                 stored = await self.fetcher.fetch(layer.digest, layer.tables.chunks, indexes, deadline=deadline,
@@ -362,3 +365,34 @@ class View:
         await self.flush()
         if self.writable is not None:
             await self._in_thread(self.writable.close)
+
+
+def round_to_pieces(layer: LayerBlob, indexes: list[int], piece_size: int, share: float) -> list[int]:
+    """`indexes`, and the chunks not cached of every piece they cover at least `share` of but not whole.
+
+    A supernode makes a node that asks for most of a hot piece one of the piece's seeds, and makes other
+    nodes wait for it to announce the piece (dadi/p2p/tracker.py); but a node announces only the pieces
+    it holds whole. Chunks do not line up with pieces, so a read's run of chunks usually covered 88-94%
+    of its pieces: its seeds then announced them only when a later read happened to fetch the rest, up to
+    a second later, and the waiting nodes gave up after HOLD_SECONDS and were served by the supernode
+    anyway (traced in an 8-node start of tools/bench/p2p.py). Fetching the rest of such a piece with it
+    costs at most a quarter of a piece more, and its seeds announce it as soon as it is stored."""
+    chunks = layer.tables.chunks
+    covered: dict[int, int] = {}
+    for i in indexes:
+        start, end = chunks[i].offset, chunks[i].offset + chunks[i].length
+        for piece in range(start // piece_size, (end - 1) // piece_size + 1):
+            covered[piece] = covered.get(piece, 0) + min(end, (piece + 1) * piece_size) - max(start, piece * piece_size)
+    wanted = set(indexes)
+    for piece, nbytes in covered.items():
+        if not share * piece_size <= nbytes < piece_size:
+            continue
+        lo, hi = piece * piece_size, (piece + 1) * piece_size
+        first = next(i for i in indexes if chunks[i].offset < hi and chunks[i].offset + chunks[i].length > lo)
+        while first > 0 and chunks[first - 1].offset + chunks[first - 1].length > lo:
+            first -= 1
+        last = first
+        while last + 1 < len(chunks) and chunks[last + 1].offset < hi:
+            last += 1
+        wanted.update(i for i in range(first, last + 1) if i not in wanted and not layer.cache.has(i))
+    return sorted(wanted) if len(wanted) > len(indexes) else indexes

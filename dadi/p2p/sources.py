@@ -38,7 +38,7 @@ import xxhash
 from dadi.node.fetch import HttpChunkSource, Redirected, SourceError
 from dadi.p2p.peerproto import NO_REDIRECT_HEADER, PEER_PORT_HEADER, PEER_REPORT_HEADER, format_reports
 from dadi.p2p.piececache import PIECE_SIZE
-from dadi.p2p.tracker import CORRUPT, FAILED
+from dadi.p2p.tracker import CORRUPT, FAILED, SEED_COVERAGE
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,13 @@ class SupernodeSet:
     @property
     def urls(self) -> list[str]:
         return list(self._sources)
+
+    @property
+    def seed_share(self) -> float | None:
+        """The share of a piece a request must cover to make this node one of the piece's seeds
+        (tracker.SEED_COVERAGE), while it serves peers; a node asking for that much asks for all of it,
+        so that it can announce the piece (dadi.node.view.round_to_pieces). None: it serves no peers."""
+        return SEED_COVERAGE if self._peer_port() else None
 
     def fetch_range(self, digest: str, offset: int, length: int, timeout: float) -> bytes:
         parts = []
