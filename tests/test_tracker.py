@@ -288,6 +288,23 @@ def test_a_hot_piece_nobody_holds_yet_waits_for_its_seeds_only_after_whole_piece
     assert policy.decide(D, 0, 10, 1.0 + 2 * HOT_WINDOW, rng).reason == "cold"  # all of it is forgotten
 
 
+def test_a_seed_is_never_made_to_wait_for_the_rest_of_its_own_piece():
+    policy = RedirectPolicy()
+    rng = random.Random(4)
+    a, b, c = "http://10.0.0.1:8901", "http://10.0.0.2:8901", "http://10.0.0.3:8901"
+    most = (126 << 10, MiB)  # a read's run of chunks: most of the piece, the rest comes with another request
+    for node, now in ((a, 1.0), (b, 1.01)):
+        policy.decide(D, *most, now, rng, requester=node)
+        policy.served(D, *most, now, requester=node)  # the two seeds
+    assert policy.decide(D, 0, 126 << 10, 1.02, rng, requester=c).reason == "hold"  # waits for a seed
+    assert policy.decide(D, 0, 126 << 10, 1.02, rng, requester=a).reason == "seed"  # would wait for itself
+    # A node held before it became a seed is let go at its next look.
+    assert policy.retry(D, 0, 126 << 10, 1.03, rng, requester=c).reason == "no_peer"
+    policy.served(D, *most, 1.03, requester=c)
+    assert policy.retry(D, 0, 126 << 10, 1.04, rng, requester=c).reason == "seed"
+    assert policy.decide(D, 0, 126 << 10, 1.0 + 2 * HOT_WINDOW, rng, requester=a).reason == "cold"
+
+
 # --- the supernode's side (dadi/p2p/peerredirect.py), on trio's mock clock --------------------------
 
 

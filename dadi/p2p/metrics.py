@@ -110,7 +110,8 @@ class SupernodeMetrics:
         self.redirects = Counter(
             "dadi_supernode_redirects",
             "Blob requests by where the tracker sent them: peer (307), cold (piece not hot), no_peer (hot, "
-            "no holder with a free slot), declined (the node asked to be served here)",
+            "no holder with a free slot), seed (hot, no holder yet, the node asking is one of its seeds), "
+            "declined (the node asked to be served here)",
             ["result"], registry=r,
         )  # fmt: skip
         self.announces = Counter(
@@ -124,7 +125,8 @@ class SupernodeMetrics:
         self.held = Counter(
             "dadi_supernode_held_requests",
             "Requests for a hot piece no peer held yet that waited for a seed to announce it, by outcome: "
-            "peer (redirected), timeout (served here)", ["outcome"], registry=r,
+            "peer (redirected), seed (the node became one of its seeds meanwhile: served here), timeout "
+            "(served here)", ["outcome"], registry=r,
         )  # fmt: skip
         self.peers = Gauge("dadi_supernode_peers", "Peers the tracker knows (announced, not expired)", registry=r)
         self.tracked_pieces = Gauge(

@@ -93,19 +93,20 @@ class TrackerRedirector:
         if headers.get(NO_REDIRECT_HEADER) == "1":
             self.metrics.redirects.labels("declined").inc()
             if requester is not None:
-                self.policy.served(digest, start, end + 1, now)
+                self.policy.served(digest, start, end + 1, now, requester=requester)
             return None
         decision = self.policy.decide(digest, start, end + 1, now, self._rng, requester=requester)
         if decision.reason == "hold":  # seeds are being served: wait for one of them to announce it
             give_up = now + HOLD_SECONDS
-            while decision.peer is None and self._clock() < give_up:
+            while decision.peer is None and decision.reason != "seed" and self._clock() < give_up:
                 await trio.sleep(HOLD_POLL)
                 decision = self.policy.retry(digest, start, end + 1, self._clock(), self._rng, requester=requester)
-            self.metrics.held.labels("peer" if decision.peer else "timeout").inc()
+            self.metrics.held.labels("peer" if decision.peer else "seed" if decision.reason == "seed" else
+                                     "timeout").inc()
         self.metrics.redirects.labels(decision.reason).inc()
         if decision.peer is None:
             if requester is not None:
-                self.policy.served(digest, start, end + 1, self._clock())
+                self.policy.served(digest, start, end + 1, self._clock(), requester=requester)
             return None
         ticket = make_ticket(peer_key(self._secret, decision.peer), digest, self._wall() + TICKET_SECONDS)
         return f"{decision.peer}/v2/{quote(repository)}/blobs/{digest}?{TICKET_PARAM}={ticket}"

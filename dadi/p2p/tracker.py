@@ -41,7 +41,8 @@ The policy, and why:
   it; the caller reports only such requests to `served`); a later
   request for it waits up to HOLD_SECONDS for one of them to announce it and is then redirected, or
   served by the supernode if none did. A request for a small part of a piece (a sparse on-demand read)
-  makes no seed, so it never waits for one.
+  makes no seed, so it never waits for one. A seed's own other requests for the piece (the rest of it,
+  when part of it came with another of its fetches) are never held: it would wait for itself.
 """
 
 from __future__ import annotations
@@ -379,7 +380,8 @@ def _discard(sets: dict, key: tuple[str, int], peer: str) -> None:
 class Decision:
     peer: str | None  # where to redirect, or None: the supernode serves
     # "peer", "cold" (not hot), "no_peer" (hot, but no holder with a free slot), "hold" (no holder yet,
-    # but seeds are being served: ask again with `retry` for up to HOLD_SECONDS)
+    # but seeds are being served: ask again with `retry` for up to HOLD_SECONDS), "seed" (no holder yet,
+    # and the requester is one of the seeds: serve it now)
     reason: str
 
 
@@ -388,11 +390,13 @@ class RedirectPolicy:
     caller reports what the supernode served itself with `served`."""
 
     def __init__(self, tracker: Tracker | None = None, hot: HotPieces | None = None, *,
-                 seeds: HotPieces | None = None, coverage: float = SEED_COVERAGE):
+                 seeds: HotPieces | None = None, coverage: float = SEED_COVERAGE, max_keys: int = MAX_HOT_KEYS):
         self.tracker = tracker or Tracker()
         self.hot = hot or HotPieces()
         self.seeds = seeds or HotPieces(window=SEED_WINDOW, threshold=SEED_COPIES)
         self.coverage = coverage
+        self.max_keys = max_keys
+        self._seeders: dict[tuple[str, int], dict[str, float]] = {}  # (digest, piece) -> {requester: when}
 
     def decide(self, digest: str, start: int, end: int, now: float, rng: random.Random, *,
                requester: str | None = None, piece_size: int = PIECE_SIZE) -> Decision:
@@ -404,17 +408,45 @@ class RedirectPolicy:
             return Decision(peer, "peer")
         pieces = pieces_spanning(start, end, piece_size)
         seeded = all(self.seeds.is_hot(self.seeds.count(digest, p, now)) for p in pieces)
+        if seeded and self._seeder(digest, pieces, requester, now):
+            return Decision(None, "seed")
         return Decision(None, "hold" if seeded else "no_peer")
 
     def retry(self, digest: str, start: int, end: int, now: float, rng: random.Random, *,
               requester: str | None = None, piece_size: int = PIECE_SIZE) -> Decision:
-        """Ask again for a request told to hold (its hotness is not counted twice)."""
+        """Ask again for a request told to hold (its hotness is not counted twice). "seed": the requester
+        has become one of the piece's seeds meanwhile, so serve it now."""
         peer = self.tracker.choose(digest, start, end, now, rng, exclude=requester, piece_size=piece_size)
-        return Decision(peer, "peer" if peer is not None else "no_peer")
+        if peer is not None:
+            return Decision(peer, "peer")
+        if self._seeder(digest, pieces_spanning(start, end, piece_size), requester, now):
+            return Decision(None, "seed")
+        return Decision(None, "no_peer")
 
-    def served(self, digest: str, start: int, end: int, now: float, piece_size: int = PIECE_SIZE) -> None:
-        """The supernode serves bytes [start, end) itself: pieces the range covers mostly gain a seed."""
+    def served(self, digest: str, start: int, end: int, now: float, piece_size: int = PIECE_SIZE, *,
+               requester: str | None = None) -> None:
+        """The supernode serves bytes [start, end) itself: pieces the range covers mostly gain a seed
+        (`requester`, the node's peer URL, when known)."""
         for piece in pieces_spanning(start, end, piece_size):
             lo, hi = piece * piece_size, (piece + 1) * piece_size
             if min(end, hi) - max(start, lo) >= self.coverage * piece_size:
                 self.seeds.record(digest, piece, now)
+                if requester is not None:
+                    self._remember_seeder(digest, piece, requester, now)
+
+    def _seeder(self, digest: str, pieces: range, requester: str | None, now: float) -> bool:
+        """Whether `requester` was made a seed of every one of `pieces` within SEED_WINDOW."""
+        if requester is None:
+            return False
+        return all(now - self._seeders.get((digest, p), {}).get(requester, -math.inf) < SEED_WINDOW for p in pieces)
+
+    def _remember_seeder(self, digest: str, piece: int, requester: str, now: float) -> None:
+        seeders = self._seeders.get((digest, piece))
+        if seeders is None:
+            if len(self._seeders) >= self.max_keys:  # bounded like HotPieces: old pieces go first
+                for key in [k for k, v in self._seeders.items() if max(v.values()) <= now - SEED_WINDOW]:
+                    del self._seeders[key]
+                while len(self._seeders) >= self.max_keys:
+                    del self._seeders[next(iter(self._seeders))]
+            seeders = self._seeders[(digest, piece)] = {}
+        seeders[requester] = now

@@ -83,7 +83,9 @@ def start_nodes(work: Path, net: Topology, ref: str, count: int, files: int) -> 
             "no_peer": supernode.metric("dadi_supernode_redirects_total", result="no_peer"),
             "cold": supernode.metric("dadi_supernode_redirects_total", result="cold"),
             "held_peer": supernode.metric("dadi_supernode_held_requests_total", outcome="peer"),
+            "held_seed": supernode.metric("dadi_supernode_held_requests_total", outcome="seed"),
             "held_timeout": supernode.metric("dadi_supernode_held_requests_total", outcome="timeout"),
+            "seed": supernode.metric("dadi_supernode_redirects_total", result="seed"),
             "need": stats[0]["bytes_total"],  # the image's blobs: every node ends up holding them
             "fetched": [sum(s["sources"].values()) for s in stats],
             "peer_bytes": sum(s["peers"]["received_bytes"] for s in stats),

@@ -212,7 +212,7 @@ class Simulation:
         node, supernode = self.by_name[name], self.supernodes[supernode_name]
         start, end = piece * PIECE_SIZE, (piece + 1) * PIECE_SIZE
         decision = supernode.policy.retry(DIGEST, start, end, self.now, self.rng, requester=name)
-        if decision.peer is None and self.now + HOLD_POLL <= hold_until:
+        if decision.peer is None and decision.reason != "seed" and self.now + HOLD_POLL <= hold_until:
             decision = Decision(None, "hold")
         self._follow(node, supernode, piece, decision, hold_until)
 
@@ -234,7 +234,7 @@ class Simulation:
     def _serve(self, supernode: Supernode, node: Node, piece: int) -> float:
         """The supernode sends the piece itself: from its cache, or after one registry fetch shared by
         every request that waits for it (single-flight)."""
-        supernode.policy.served(DIGEST, piece * PIECE_SIZE, (piece + 1) * PIECE_SIZE, self.now)
+        supernode.policy.served(DIGEST, piece * PIECE_SIZE, (piece + 1) * PIECE_SIZE, self.now, requester=node.name)
         if piece in supernode.cache:
             ready = self.now
         elif piece in supernode.pending:
