@@ -303,6 +303,14 @@ def test_a_seed_is_never_made_to_wait_for_the_rest_of_its_own_piece():
     policy.served(D, *most, 1.03, requester=c)
     assert policy.retry(D, 0, 126 << 10, 1.04, rng, requester=c).reason == "seed"
     assert policy.decide(D, 0, 126 << 10, 1.0 + 2 * HOT_WINDOW, rng, requester=a).reason == "cold"
+    # What it remembers of seeds is bounded, in pieces and in nodes per piece.
+    small = RedirectPolicy(max_keys=4)
+    for i in range(100):
+        small.served(D, (i % 10) * MiB, (i % 10 + 1) * MiB, float(i), requester=f"http://10.0.1.{i}:8901")
+    assert len(small._seeders) <= 4
+    for i in range(200):  # one piece served to 200 nodes, 5 a second
+        small.served(D, 0, MiB, 100 + i / 5, requester=f"http://10.0.2.{i}:8901")
+    assert len(small._seeders[(D, 0)]) <= 17
 
 
 # --- the supernode's side (dadi/p2p/peerredirect.py), on trio's mock clock --------------------------

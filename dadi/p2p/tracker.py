@@ -449,4 +449,7 @@ class RedirectPolicy:
                 while len(self._seeders) >= self.max_keys:
                     del self._seeders[next(iter(self._seeders))]
             seeders = self._seeders[(digest, piece)] = {}
+        elif len(seeders) >= SEED_COPIES * 8:  # a piece served to many nodes over time: keep the recent
+            for old in [r for r, when in seeders.items() if when <= now - SEED_WINDOW]:
+                del seeders[old]
         seeders[requester] = now
