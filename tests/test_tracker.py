@@ -28,6 +28,7 @@ from dadi.p2p.tracker import (
     HotPieces,
     PeerState,
     RedirectPolicy,
+    Seeds,
     Tracker,
     lease_seconds,
 )
@@ -274,15 +275,15 @@ def test_a_hot_piece_nobody_holds_yet_waits_for_its_seeds_only_after_whole_piece
     policy = RedirectPolicy()
     rng = random.Random(2)
     assert policy.decide(D, 0, MiB, 1.0, rng).reason == "cold"
-    policy.served(D, 0, MiB, 1.0)  # a seed: it got the whole piece
+    policy.served(D, 0, MiB, 1.0, "http://seed:1")  # a seed: it got the whole piece
     assert policy.decide(D, 0, MiB, 1.01, rng).reason == "no_peer"  # one seed is not enough to wait for
-    policy.served(D, 0, MiB, 1.01)
+    policy.served(D, 0, MiB, 1.01, "http://seed:2")
     assert policy.decide(D, 0, 64 << 10, 1.02, rng).reason == "hold"  # two seeds: worth a short wait
     policy.tracker.announce("http://seed:1", 1.03, add={D: [0]})
     assert policy.retry(D, 0, 64 << 10, 1.03, rng).peer == "http://seed:1"
     # Sparse reads of another piece make no seeds: their requesters are never made to wait.
     for now in (2.0, 2.01, 2.02):
-        policy.served(D, 5 * MiB, 5 * MiB + (64 << 10), now)
+        policy.served(D, 5 * MiB, 5 * MiB + (64 << 10), now, f"http://sparse:{now}")
     policy.decide(D, 5 * MiB, 5 * MiB + 10, 2.03, rng)
     assert policy.decide(D, 5 * MiB, 5 * MiB + 10, 2.04, rng).reason == "no_peer"
     assert policy.decide(D, 0, 10, 1.0 + 2 * HOT_WINDOW, rng).reason == "cold"  # all of it is forgotten
@@ -304,13 +305,13 @@ def test_a_seed_is_never_made_to_wait_for_the_rest_of_its_own_piece():
     assert policy.retry(D, 0, 126 << 10, 1.04, rng, requester=c).reason == "seed"
     assert policy.decide(D, 0, 126 << 10, 1.0 + 2 * HOT_WINDOW, rng, requester=a).reason == "cold"
     # What it remembers of seeds is bounded, in pieces and in nodes per piece.
-    small = RedirectPolicy(max_keys=4)
+    seeds = Seeds(max_keys=4)
     for i in range(100):
-        small.served(D, (i % 10) * MiB, (i % 10 + 1) * MiB, float(i), requester=f"http://10.0.1.{i}:8901")
-    assert len(small._seeders) <= 4
+        seeds.record(D, i % 10, f"http://10.0.1.{i}:8901", float(i))
+    assert len(seeds._seeds) <= 4
     for i in range(200):  # one piece served to 200 nodes, 5 a second
-        small.served(D, 0, MiB, 100 + i / 5, requester=f"http://10.0.2.{i}:8901")
-    assert len(small._seeders[(D, 0)]) <= 17
+        seeds.record(D, 0, f"http://10.0.2.{i}:8901", 100 + i / 5)
+    assert len(seeds._seeds[(D, 0)]) <= 17 and seeds.seeded(D, 0, 140.0)
 
 
 # --- the supernode's side (dadi/p2p/peerredirect.py), on trio's mock clock --------------------------

@@ -121,6 +121,42 @@ class HotPieces:
             del self._times[next(iter(self._times))]
 
 
+class Seeds:
+    """Per piece, the nodes the supernode itself sent most of it within `window` seconds: its seeds. A piece
+    with `copies` of them is worth waiting for (RedirectPolicy); a seed itself never waits for it."""
+
+    def __init__(self, window: float = SEED_WINDOW, copies: int = SEED_COPIES, max_keys: int = MAX_HOT_KEYS):
+        self.window = window
+        self.copies = copies
+        self.max_keys = max_keys
+        self._seeds: dict[tuple[str, int], dict[str, float]] = {}  # (digest, piece) -> {node: when}
+
+    def record(self, digest: str, piece: int, node: str, now: float) -> None:
+        seeds = self._seeds.get((digest, piece))
+        if seeds is None:
+            if len(self._seeds) >= self.max_keys:
+                self._prune(now)
+            seeds = self._seeds[(digest, piece)] = {}
+        elif len(seeds) >= 8 * self.copies:  # a piece served to many nodes over time: keep the recent ones
+            for old in [n for n, when in seeds.items() if when <= now - self.window]:
+                del seeds[old]
+        seeds[node] = now
+
+    def seeded(self, digest: str, piece: int, now: float) -> bool:
+        """The piece has `copies` seeds within the window."""
+        seeds = self._seeds.get((digest, piece), {})
+        return sum(1 for when in seeds.values() if when > now - self.window) >= self.copies
+
+    def is_seed(self, digest: str, piece: int, node: str, now: float) -> bool:
+        return self._seeds.get((digest, piece), {}).get(node, -math.inf) > now - self.window
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, seeds in self._seeds.items() if max(seeds.values()) <= now - self.window]:
+            del self._seeds[key]
+        while len(self._seeds) >= self.max_keys:  # all recent: forget the oldest-inserted
+            del self._seeds[next(iter(self._seeds))]
+
+
 @dataclass
 class PeerState:
     """What the tracker knows about one peer (its URL is the key in Tracker.peers)."""
@@ -390,13 +426,11 @@ class RedirectPolicy:
     caller reports what the supernode served itself with `served`."""
 
     def __init__(self, tracker: Tracker | None = None, hot: HotPieces | None = None, *,
-                 seeds: HotPieces | None = None, coverage: float = SEED_COVERAGE, max_keys: int = MAX_HOT_KEYS):
+                 seeds: Seeds | None = None, coverage: float = SEED_COVERAGE):
         self.tracker = tracker or Tracker()
         self.hot = hot or HotPieces()
-        self.seeds = seeds or HotPieces(window=SEED_WINDOW, threshold=SEED_COPIES)
+        self.seeds = seeds or Seeds()
         self.coverage = coverage
-        self.max_keys = max_keys
-        self._seeders: dict[tuple[str, int], dict[str, float]] = {}  # (digest, piece) -> {requester: when}
 
     def decide(self, digest: str, start: int, end: int, now: float, rng: random.Random, *,
                requester: str | None = None, piece_size: int = PIECE_SIZE) -> Decision:
@@ -407,8 +441,8 @@ class RedirectPolicy:
         if peer is not None:
             return Decision(peer, "peer")
         pieces = pieces_spanning(start, end, piece_size)
-        seeded = all(self.seeds.is_hot(self.seeds.count(digest, p, now)) for p in pieces)
-        if seeded and self._seeder(digest, pieces, requester, now):
+        seeded = all(self.seeds.seeded(digest, p, now) for p in pieces)
+        if seeded and self._is_seed(digest, pieces, requester, now):
             return Decision(None, "seed")
         return Decision(None, "hold" if seeded else "no_peer")
 
@@ -419,37 +453,18 @@ class RedirectPolicy:
         peer = self.tracker.choose(digest, start, end, now, rng, exclude=requester, piece_size=piece_size)
         if peer is not None:
             return Decision(peer, "peer")
-        if self._seeder(digest, pieces_spanning(start, end, piece_size), requester, now):
+        if self._is_seed(digest, pieces_spanning(start, end, piece_size), requester, now):
             return Decision(None, "seed")
         return Decision(None, "no_peer")
 
-    def served(self, digest: str, start: int, end: int, now: float, piece_size: int = PIECE_SIZE, *,
-               requester: str | None = None) -> None:
-        """The supernode serves bytes [start, end) itself: pieces the range covers mostly gain a seed
-        (`requester`, the node's peer URL, when known)."""
+    def served(self, digest: str, start: int, end: int, now: float, requester: str,
+               piece_size: int = PIECE_SIZE) -> None:
+        """The supernode serves bytes [start, end) itself to `requester` (the node's peer URL): it becomes
+        a seed of the pieces the range covers mostly."""
         for piece in pieces_spanning(start, end, piece_size):
             lo, hi = piece * piece_size, (piece + 1) * piece_size
             if min(end, hi) - max(start, lo) >= self.coverage * piece_size:
-                self.seeds.record(digest, piece, now)
-                if requester is not None:
-                    self._remember_seeder(digest, piece, requester, now)
+                self.seeds.record(digest, piece, requester, now)
 
-    def _seeder(self, digest: str, pieces: range, requester: str | None, now: float) -> bool:
-        """Whether `requester` was made a seed of every one of `pieces` within SEED_WINDOW."""
-        if requester is None:
-            return False
-        return all(now - self._seeders.get((digest, p), {}).get(requester, -math.inf) < SEED_WINDOW for p in pieces)
-
-    def _remember_seeder(self, digest: str, piece: int, requester: str, now: float) -> None:
-        seeders = self._seeders.get((digest, piece))
-        if seeders is None:
-            if len(self._seeders) >= self.max_keys:  # bounded like HotPieces: old pieces go first
-                for key in [k for k, v in self._seeders.items() if max(v.values()) <= now - SEED_WINDOW]:
-                    del self._seeders[key]
-                while len(self._seeders) >= self.max_keys:
-                    del self._seeders[next(iter(self._seeders))]
-            seeders = self._seeders[(digest, piece)] = {}
-        elif len(seeders) >= SEED_COPIES * 8:  # a piece served to many nodes over time: keep the recent
-            for old in [r for r, when in seeders.items() if when <= now - SEED_WINDOW]:
-                del seeders[old]
-        seeders[requester] = now
+    def _is_seed(self, digest: str, pieces: range, requester: str | None, now: float) -> bool:
+        return requester is not None and all(self.seeds.is_seed(digest, p, requester, now) for p in pieces)

@@ -234,7 +234,7 @@ class Simulation:
     def _serve(self, supernode: Supernode, node: Node, piece: int) -> float:
         """The supernode sends the piece itself: from its cache, or after one registry fetch shared by
         every request that waits for it (single-flight)."""
-        supernode.policy.served(DIGEST, piece * PIECE_SIZE, (piece + 1) * PIECE_SIZE, self.now, requester=node.name)
+        supernode.policy.served(DIGEST, piece * PIECE_SIZE, (piece + 1) * PIECE_SIZE, self.now, node.name)
         if piece in supernode.cache:
             ready = self.now
         elif piece in supernode.pending:
