@@ -162,3 +162,34 @@ def test_a_supernode_without_peers_never_makes_a_request_wait_or_redirects(regis
         assert supernode.metric("dadi_supernode_held_requests_total") == 0
         assert supernode.metric("dadi_supernode_redirects_total", result="peer") == 0
         assert supernode.metric("dadi_supernode_redirects_total", result="no_peer") == 4
+
+
+@pytest.mark.parametrize("answer", [b"{}", b"[1]", b'{"key": "not hex"}', b"not json"])
+def test_an_announce_answered_with_garbage_is_a_failure_not_a_crash(answer):
+    import http.server
+
+    from dadi.p2p.announce import Announcer, _Target
+    from dadi.p2p.peerproto import Announce
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        announcer = Announcer(8901, lambda: {})
+        target = _Target(sent={})
+        sent = trio.run(announcer._send, f"http://127.0.0.1:{server.server_address[1]}", target,
+                        Announce(8901, {}, {}, full=True))
+        assert (sent, target.failed, announcer.stats.failures, announcer.keys()) == (False, True, 1, [])
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -141,32 +141,37 @@ class Announcer:
     async def _send(self, url: str, target: _Target, message: Announce) -> bool:
         try:
             answer = await trio.to_thread.run_sync(self._post, url, message.to_json(), abandon_on_cancel=True)
-        except (_AnnounceFailed, urllib3.exceptions.HTTPError, ValueError, KeyError) as e:
+        except _FAILURES as e:
             self.stats.failures += 1
             if not target.failed:
                 log.warning("announce to supernode %s failed: %s (trying again, in full)", url, e)
             target.failed = True
             return False
-        key = bytes.fromhex(answer["key"])
+        key, peer = answer
         if target.key is not None and key != target.key and not message.full:
             # A new key: the supernode restarted and knows nothing about us. Tell it everything now.
             target.key = key
             target.failed = True
             return False
         if target.failed:
-            log.info("announcing to supernode %s as %s", url, answer.get("peer"))
+            log.info("announcing to supernode %s as %s", url, peer)
         target.key = key
         target.failed = False
         self.stats.announces += 1
         return True
 
-    def _post(self, url: str, body: bytes) -> dict:
+    def _post(self, url: str, body: bytes) -> tuple[bytes, str | None]:
+        """POST an announce; the supernode's ticket key for us and the peer URL it sees us as."""
         resp = self._pool.request("POST", url.rstrip("/") + ANNOUNCE_PATH, body=body,
                                   headers={"Content-Type": "application/json"})
         if resp.status != 200:
             text = resp.data.decode(errors="replace").strip()[:200]
             raise _AnnounceFailed(f"HTTP {resp.status}: {text}")
-        return json.loads(resp.data)
+        try:
+            answer = json.loads(resp.data)
+            return bytes.fromhex(answer["key"]), answer.get("peer")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise _AnnounceFailed(f"not an announce answer: {resp.data[:200]!r}") from e
 
     async def leave(self) -> None:
         """Tell every supernode we stop serving (best effort, a second at most)."""
@@ -176,10 +181,14 @@ class Announcer:
                 try:
                     await trio.to_thread.run_sync(self._post, url, Announce(self.port, {}, {}, leave=True).to_json(),
                                                   abandon_on_cancel=True)
-                except (_AnnounceFailed, urllib3.exceptions.HTTPError, ValueError):
+                except _FAILURES:
                     pass
         self._pool.clear()
 
 
 class _AnnounceFailed(Exception):
     """The supernode answered an announce with an error."""
+
+
+# What an announce can fail with: an error answer, the network (urllib3 wraps socket errors), a bad body.
+_FAILURES = (_AnnounceFailed, urllib3.exceptions.HTTPError, ValueError)
