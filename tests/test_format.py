@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import struct
 
 import lz4.block
@@ -501,7 +502,7 @@ def set_at(path, value):
     [
         (set_at([0], b"DADIXXX\x00"), r"bad magic b'DADIXXX\\x00'"),
         (set_at([0], "DADITBL\x00"), "bad magic"),
-        (set_at([1], 2), r"unsupported format version 2 \(supported: 1\)"),
+        (set_at([1], 3), r"unsupported format version 3 \(supported: 1, 2\)"),
         (set_at([1], True), "version: expected an unsigned integer, got bool"),
         (lambda obj: obj.append([]), "expected an array of 5 items, got 6"),
         (lambda obj: obj.pop(), "expected an array of 5 items, got 4"),
@@ -598,7 +599,7 @@ def test_parse_header_rejects(sample):
         parse_header(header[:-1])
     with pytest.raises(FormatError, match="header: bad magic b'XADIBLK"):
         parse_header(b"X" + header[1:])
-    with pytest.raises(FormatError, match=r"header: unsupported format version 9 \(supported: 1\)"):
+    with pytest.raises(FormatError, match=r"header: unsupported format version 9 \(supported: 1, 2\)"):
         parse_header(pack_header(Header(9, 0, 4096, 8192, MiB)))
     with pytest.raises(FormatError, match="header: unknown flags 0x0004 at blob offset 10"):
         parse_header(pack_header(Header(1, 4, 4096, 8192, MiB)))
@@ -627,8 +628,8 @@ def test_parse_footer_rejects(sample):
         parse_footer(blob[-FOOTER_SIZE + 1 :], size)
     with pytest.raises(FormatError, match=f"{where}: bad magic"):
         parse_footer(blob[:FOOTER_SIZE], size)
-    with pytest.raises(FormatError, match="unsupported format version 2"):
-        parse_footer(packed(version=2), size)
+    with pytest.raises(FormatError, match="unsupported format version 3"):
+        parse_footer(packed(version=3), size)
     with pytest.raises(FormatError, match="does not end at the footer"):
         parse_footer(packed(tables_offset=footer.tables_offset - 1), size)
     with pytest.raises(FormatError, match="do not fit in a blob"):
@@ -760,3 +761,88 @@ def test_writer_with_a_thread_pool_writes_the_same_bytes():
         buffer[:] = bytes(len(buffer))  # the caller reuses its buffer: what was added must not change
         writer.finish()
     assert out.getvalue() == expected
+
+
+# --- format version 2: read hints ---------------------------------------------------------------------
+
+GOLDEN_V2 = (
+    "sha256:63316e127788514c8dff01b8a75c92cf5de8a345c4a78b3093b4a0471041e26a",
+    "sha256:1780bf732bdd11f39a0dd7ebeb71884720ba5e09bff44677b37bb7a508fba4fa",
+)
+HINTS = {"metadata": [(3, 2)], "files": [[(5, 2)], [(40, 1)]]}
+
+
+def write_hinted_blob(metadata=HINTS["metadata"], files=HINTS["files"]):
+    out = io.BytesIO()
+    writer = BlobWriter(out, disk_size=MiB, chunk_size=8192, hints=True)
+    writer.add_data(3, text_like(1, 4 * BLOCK_SIZE))
+    writer.add_data(40, text_like(3, BLOCK_SIZE))
+    info = writer.finish(metadata=metadata, files=files)
+    return out.getvalue(), info
+
+
+def test_hinted_blob_is_version_2_and_reads_back_its_hints():
+    blob, info = write_hinted_blob()
+    tables = read_blob_tables(io.BytesIO(blob))
+    assert parse_header(blob[:HEADER_SIZE]).version == 2
+    assert (tables.version, tables.metadata, tables.files) == (2, ((3, 2),), (((5, 2),), ((40, 1),)))
+    assert tables == info.tables and tables.hints_problem == ""
+    assert encode_tables(tables) == tables_bytes(blob, info)  # what a node re-encodes to check a cached blob
+    assert tables_obj(blob, info)[5:] == [[[3, 2]], [[[5, 2]], [[40, 1]]]]
+
+
+def test_golden_hinted_blob_bytes():
+    blob, info = write_hinted_blob()
+    assert info.tables_digest == "sha256:" + hashlib.sha256(tables_bytes(blob, info)).hexdigest()
+    assert (info.digest, info.tables_digest) == GOLDEN_V2
+
+
+def test_a_writer_without_hints_still_writes_version_1():
+    blob, info = write_blob([(3, text_like(1, BLOCK_SIZE))], disk_size=MiB, chunk_size=8192)
+    assert parse_header(blob[:HEADER_SIZE]).version == 1 and info.tables.version == 1
+    with pytest.raises(ValueError, match="need a writer made with hints=True"):
+        BlobWriter(io.BytesIO(), disk_size=MiB).finish(metadata=[(0, 1)])
+
+
+@pytest.mark.parametrize(
+    ("metadata", "files", "message"),
+    [
+        ([(3, 0)], [], "metadata hints: range 0 .* is empty"),
+        ([(5, 1), (3, 1)], [], "metadata hints: range 1 .* out of order"),
+        ([(255, 2)], [], "extends past the disk's 256 blocks"),
+        ([], [[]], "file hint 0: no ranges"),
+    ],
+)
+def test_the_writer_refuses_malformed_hints(metadata, files, message):
+    writer = BlobWriter(io.BytesIO(), disk_size=MiB, chunk_size=8192, hints=True)
+    with pytest.raises(ValueError, match=message):
+        writer.finish(metadata=metadata, files=files)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (set_at([5], {}), "metadata hints: expected an array, got dict"),
+        (set_at([5, 0], [3]), "metadata hints: range 0: expected an array of 2 items, got 1"),
+        (set_at([5, 0, 1], -1), "metadata hints: range 0: count: -1 is outside"),
+        (set_at([6, 1], [[41, 1], [40, 1]]), "file hint 1: range 1 .* out of order"),
+        (set_at([6], [[["x", 1]]]), "file hint 0: range 0: block: expected an unsigned integer, got str"),
+    ],
+)
+def test_malformed_hints_are_dropped_not_fatal(mutate, message):
+    blob, info = write_hinted_blob()
+    obj = tables_obj(blob, info)
+    mutate(obj)
+    data = pack(obj)
+    tables = parse_tables(data)
+    assert re.search(message, tables.hints_problem), tables.hints_problem
+    assert (tables.metadata, tables.files) == ((), ())
+    assert tables.extents == info.tables.extents and tables.chunks == info.tables.chunks  # the blocks stay
+    assert encode_tables(tables) == data  # and re-encode to the blob's own bytes
+
+
+def test_version_2_tables_need_their_hint_items():
+    blob, info = write_hinted_blob()
+    obj = tables_obj(blob, info)
+    with pytest.raises(FormatError, match="expected an array of 7 items, got 5"):
+        parse_tables(pack(obj[:5]))

@@ -21,6 +21,7 @@ from pathlib import Path
 from dadi.convert.apply import LayerContents, apply_contents, read_layer
 from dadi.convert.blockdiff import BlockHashes, changed_extents, hash_disk
 from dadi.convert.cache import ChainEntry, ConvertCache
+from dadi.convert.ext4map import layer_hints
 from dadi.convert.spool import Spool, memory_budget
 from dadi.convert.tree import TreeModel
 from dadi.convert.workdisk import create_disk
@@ -290,9 +291,10 @@ def _convert_layer(reader: _LayerPrefetcher, packer: Executor, i, diff_id, chain
         contents.spool.close()
 
     runs, new_hashes = changed_extents(disk.path, disk.hashes)
+    metadata, files = layer_hints(disk.path, runs)
     blob_tmp = cache.new_blob_file()
     try:
-        info = _write_blob(disk.path, runs, blob_tmp, options, packer)
+        info = _write_blob(disk.path, runs, blob_tmp, options, packer, (metadata, files))
         entry = ChainEntry(chain_id, diff_id, info.digest, info.size, info.tables_digest, info.tables_size)
         cache.store(key, entry, blob_tmp, disk.tree.to_bytes())
     finally:
@@ -308,9 +310,10 @@ def _convert_layer(reader: _LayerPrefetcher, packer: Executor, i, diff_id, chain
     return entry
 
 
-def _write_blob(disk_path: Path, runs, out_path: Path, options: ConvertOptions, executor: Executor):
+def _write_blob(disk_path: Path, runs, out_path: Path, options: ConvertOptions, executor: Executor, hints):
     with open(out_path, "wb") as out, open(disk_path, "rb") as disk:
-        writer = BlobWriter(out, disk_size=options.disk_size, chunk_size=options.chunk_size, executor=executor)
+        writer = BlobWriter(out, disk_size=options.disk_size, chunk_size=options.chunk_size, executor=executor,
+                            hints=True)
         for block, count, zero in runs:
             if zero:
                 writer.add_zero(block, count)
@@ -323,7 +326,7 @@ def _write_blob(disk_path: Path, runs, out_path: Path, options: ConvertOptions, 
                     raise ImageError(f"working disk {disk_path} is shorter than its file system")
                 writer.add_data(block + done, data)
                 done += n
-        info = writer.finish()
+        info = writer.finish(*hints)
         out.flush()
         os.fsync(out.fileno())
     return info

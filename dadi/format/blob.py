@@ -16,10 +16,11 @@ saying what was wrong and where. Nothing here allocates more than the input's si
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -29,10 +30,13 @@ import msgpack
 import xxhash
 
 from dadi.errors import FormatError
-from dadi.format.model import BLOCK_SIZE, BlobInfo, Chunk, Extent, LayerTables
+from dadi.format.model import BLOCK_SIZE, BlobInfo, BlockRange, Chunk, Extent, LayerTables
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+# Version 2 adds the read hints (metadata and file ranges) to the tables; a blob written without hints
+# is version 1, byte for byte what it was before hints existed. The converter writes version 2.
+FORMAT_VERSION = 2
+HINTLESS_VERSION = 1
+SUPPORTED_VERSIONS = (1, 2)
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.dadi"  # why: dadi/image/mediatypes.py
 
 KiB = 1 << 10
@@ -195,18 +199,28 @@ def parse_footer(data: bytes, blob_size: int) -> Footer:
 # --- tables ------------------------------------------------------------------------------------------
 # msgpack array: [magic, version, [block_size, chunk_size, disk_size, packed_size],
 #                 [[block, count, offset, zero], ...], [[offset, length, raw_length, xxh3, sha256, compressed], ...]]
+# and in version 2 two more items, the read hints: [[block, count], ...] of metadata, and
+# [[[block, count], ...], ...] with one entry per regular file.
 # Arrays only, ints and bytes only: msgpack then has exactly one encoding, so equal tables are equal bytes.
 
 
 def encode_tables(tables: LayerTables) -> bytes:
-    """The deterministic msgpack encoding of the tables section."""
+    """The deterministic msgpack encoding of the tables section, in the version they were made in."""
+    version = tables.version
+    if version == HINTLESS_VERSION and (tables.metadata or tables.files):
+        raise ValueError("format version 1 tables cannot carry read hints")
     obj = [
         TABLES_MAGIC,
-        FORMAT_VERSION,
+        version,
         [tables.block_size, tables.chunk_size, tables.disk_size, tables.packed_size],
         [[e.block, e.count, e.offset, e.zero] for e in tables.extents],
         [[c.offset, c.length, c.raw_length, c.xxh3, c.sha256, c.compressed] for c in tables.chunks],
     ]
+    if version >= 2 and tables.dropped_hints is not None:
+        obj.extend(tables.dropped_hints)
+    elif version >= 2:
+        obj.append([list(r) for r in tables.metadata])
+        obj.append([[list(r) for r in ranges] for ranges in tables.files])
     return msgpack.packb(obj, use_bin_type=True)
 
 
@@ -272,8 +286,43 @@ def parse_tables(
     if type(magic) is not bytes or magic != TABLES_MAGIC:
         raise FormatError(f"{where}: bad magic {magic!r} (expected {TABLES_MAGIC!r})")
     _check_version(where, _uint(f"{where}: version", version))
-    _list(where, top, 5)
-    return _check_tables(where, top[2], top[3], top[4], blob_size, len(data))
+    _list(where, top, 5 if version == HINTLESS_VERSION else 7)
+    tables = _check_tables(where, top[2], top[3], top[4], blob_size, len(data))
+    if version == HINTLESS_VERSION:
+        return tables
+    return _with_hints(where, dataclasses.replace(tables, version=version), top[5], top[6])
+
+
+def _with_hints(where: str, tables: LayerTables, metadata_obj: Any, files_obj: Any) -> LayerTables:
+    """The tables with their hints; malformed hints are dropped (and said why), never fatal: the blocks
+    are all there without them, and a reader needs them only to fetch more at once."""
+    disk_blocks = tables.disk_size // tables.block_size
+    try:
+        metadata = _check_ranges(f"{where}: metadata hints", metadata_obj, disk_blocks)
+        files = tuple(
+            _check_ranges(f"{where}: file hint {i}", ranges, disk_blocks, allow_empty=False)
+            for i, ranges in enumerate(_list(f"{where}: file hints", files_obj))
+        )
+    except FormatError as e:
+        return dataclasses.replace(tables, hints_problem=str(e), dropped_hints=(metadata_obj, files_obj))
+    return dataclasses.replace(tables, metadata=metadata, files=files)
+
+
+def _check_ranges(where: str, obj: Any, disk_blocks: int, *, allow_empty: bool = True) -> tuple[BlockRange, ...]:
+    ranges = []
+    end = 0
+    for i, row_obj in enumerate(_list(where, obj)):
+        row = _list(f"{where}: range {i}", row_obj, 2)
+        block = _uint(f"{where}: range {i}: block", row[0])
+        count = _uint(f"{where}: range {i}: count", row[1])
+        if count == 0 or block < end or block + count > disk_blocks:
+            raise FormatError(f"{where}: range {i} (block {block}, {count} blocks) is empty, out of order, "
+                              f"overlaps the one before or extends past the disk's {disk_blocks} blocks")
+        ranges.append((block, count))
+        end = block + count
+    if not ranges and not allow_empty:
+        raise FormatError(f"{where}: no ranges")
+    return tuple(ranges)
 
 
 def _check_tables(
@@ -429,6 +478,8 @@ def read_blob_tables(f: BinaryIO, blob_size: int | None = None) -> LayerTables:
         )
     data = _read_exact(f, footer.tables_offset, footer.tables_size, "tables")
     tables = parse_tables(data, blob_size=blob_size, expected_digest=footer.tables_digest)
+    if tables.version != header.version:
+        raise FormatError(f"tables of format version {tables.version} in a version {header.version} blob")
     tables_geometry = (tables.block_size, tables.chunk_size, tables.disk_size)
     if tables_geometry != header_geometry[1:]:
         raise FormatError(
@@ -518,8 +569,10 @@ class BlobWriter:
         block_size: int = BLOCK_SIZE,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         executor: Executor | None = None,
+        hints: bool = False,
     ):
-        """`executor` (a thread pool) compresses and hashes chunks in parallel; the output is the same."""
+        """`executor` (a thread pool) compresses and hashes chunks in parallel; the output is the same.
+        `hints`: write format version 2, whose tables carry the read hints given to `finish`."""
         try:
             _check_geometry("BlobWriter", block_size, chunk_size, disk_size)
         except FormatError as e:
@@ -537,9 +590,10 @@ class BlobWriter:
         self._chunks: list[Chunk] = []
         self._finished = False
         self._executor = executor
+        self._version = FORMAT_VERSION if hints else HINTLESS_VERSION
         # Chunks being packed by the executor, oldest first; written in this order.
         self._in_flight: collections.deque[Future] = collections.deque()
-        header = Header(FORMAT_VERSION, 0, block_size, chunk_size, disk_size)
+        header = Header(self._version, 0, block_size, chunk_size, disk_size)
         self._write(pack_header(header))
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -628,10 +682,13 @@ class BlobWriter:
         self._chunks.append(Chunk(self._size, len(stored), raw_length, xxh3, sha256, compressed))
         self._write(stored)
 
-    def finish(self) -> BlobInfo:
-        """Write the last chunk, the tables and the footer; `out` is left open."""
+    def finish(self, metadata: Sequence[BlockRange] = (), files: Sequence[Sequence[BlockRange]] = ()) -> BlobInfo:
+        """Write the last chunk, the tables and the footer; `out` is left open. `metadata` and `files`
+        are the read hints (dadi.convert.ext4map), only for a writer made with hints=True."""
         if self._finished:
             raise ValueError("BlobWriter: already finished")
+        if (metadata or files) and self._version == HINTLESS_VERSION:
+            raise ValueError("BlobWriter: read hints need a writer made with hints=True")
         self._finished = True
         if self._pending:
             self._emit_chunk(bytes(self._pending))
@@ -644,11 +701,21 @@ class BlobWriter:
             packed_size=self._packed_size,
             extents=tuple(self._extents),
             chunks=tuple(self._chunks),
+            metadata=tuple(tuple(r) for r in metadata),
+            files=tuple(tuple(tuple(r) for r in ranges) for ranges in files),
+            version=self._version,
         )
+        disk_blocks = self._disk_size // self._block_size
+        try:  # what a reader would drop as malformed is a bug of the caller's
+            _check_ranges("BlobWriter: metadata hints", [list(r) for r in tables.metadata], disk_blocks)
+            for i, ranges in enumerate(tables.files):
+                _check_ranges(f"BlobWriter: file hint {i}", [list(r) for r in ranges], disk_blocks, allow_empty=False)
+        except FormatError as e:
+            raise ValueError(str(e)) from None
         encoded = encode_tables(tables)
         tables_sha256 = hashlib.sha256(encoded).digest()
         footer = Footer(
-            FORMAT_VERSION, 0, self._block_size, self._chunk_size, self._disk_size,
+            self._version, 0, self._block_size, self._chunk_size, self._disk_size,
             tables_offset=self._size, tables_size=len(encoded), tables_sha256=tables_sha256,
         )  # fmt: skip
         self._write(encoded)

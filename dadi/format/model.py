@@ -5,11 +5,15 @@ Units: disk positions are in blocks of `block_size` bytes; packed-stream and blo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 BLOCK_SIZE = 4096
 GiB = 1 << 30
 DEFAULT_DISK_SIZE = 64 * GiB
+
+
+BlockRange = tuple[int, int]  # (first disk block, block count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,15 @@ class LayerTables:
     packed_size: int  # bytes of non-zero block data in the packed stream
     extents: tuple[Extent, ...]  # sorted by block, non-overlapping
     chunks: tuple[Chunk, ...]  # in packed-stream order
+    # Read hints (format version 2, docs/FORMAT.md "Hints"): where the layer's file system metadata and
+    # each regular file's data lie, as (first block, count) ranges of blocks this layer stores. They only
+    # steer what a node fetches together; bytes are still found through the extents and checked by hash.
+    metadata: tuple[BlockRange, ...] = ()  # sorted, non-overlapping
+    files: tuple[tuple[BlockRange, ...], ...] = ()  # one entry per file: its ranges, sorted, non-overlapping
+    version: int = 1  # the format version these tables were written in (1: no hints)
+    hints_problem: str = ""  # why the blob's hints were malformed and dropped ("": they were fine or absent)
+    # Malformed hints as they were decoded, so that the tables still encode to the blob's own bytes.
+    dropped_hints: Any = field(default=None, compare=False)
 
     def chunk_of(self, packed_offset: int) -> int:
         """Index of the chunk that holds this packed-stream byte."""

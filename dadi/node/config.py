@@ -10,6 +10,8 @@ The file is ROOT/daemon.toml unless `dadi daemon --config FILE` names another; e
     supernodes = ["http://sn1:8900", "http://sn2:8900"]  # fetch through these before the registry
     p2p_listen = "0.0.0.0:8901"    # serve verified chunks to peers here, announce them to the supernodes
     native_reads = true            # serve read-only views' local chunks from C threads (dadi.node.nativeviews)
+    whole_file_max = "2MiB"        # a miss in a file up to this size fetches the whole file ("0": off)
+    metadata_first = true          # a mount fetches the image's file system metadata before it returns
 
 Unknown keys are errors, so a typo does not silently fall back to a default.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from dadi.errors import DadiError
+from dadi.node.hints import HintPolicy
 from dadi.units import parse_rate, parse_size
 
 CONFIG_NAME = "daemon.toml"
@@ -36,6 +39,11 @@ class DaemonConfig:
     supernodes: tuple[str, ...] = ()  # URLs, tried before the registry (rendezvous hashing per piece)
     p2p_listen: str | None = None  # HOST:PORT to serve peers on (dadi.p2p.peernode); None: not served
     native_reads: bool = True  # read-only views through dadi.node.nativeviews when dadi._fastfs is built
+    whole_file_max: int = HintPolicy.whole_file_max  # bytes; dadi.node.hints
+    metadata_first: bool = HintPolicy.metadata_first
+
+    def hint_policy(self) -> HintPolicy:
+        return HintPolicy(whole_file_max=self.whole_file_max, metadata_first=self.metadata_first)
 
     def with_overrides(self, **values) -> DaemonConfig:
         """This config with the given settings replaced; None means "not given" and keeps the current one."""
@@ -76,10 +84,13 @@ def load_config(path: Path, *, required: bool = False) -> DaemonConfig:
                                                      for u in urls):
                 raise ValueError(f"supernodes must be a list of http(s):// URLs, not {urls!r}")
             values["supernodes"] = tuple(urls)
-        if "native_reads" in data:
-            if not isinstance(data["native_reads"], bool):
-                raise ValueError(f"native_reads must be true or false, not {data['native_reads']!r}")
-            values["native_reads"] = data["native_reads"]
+        for key in ("native_reads", "metadata_first"):
+            if key in data:
+                if not isinstance(data[key], bool):
+                    raise ValueError(f"{key} must be true or false, not {data[key]!r}")
+                values[key] = data[key]
+        if "whole_file_max" in data:
+            values["whole_file_max"] = parse_size(data["whole_file_max"])
         for key in ("prefetch_delay", "trace_seconds"):
             if key in data:
                 if isinstance(data[key], bool) or not isinstance(data[key], int | float):

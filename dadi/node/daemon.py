@@ -261,6 +261,11 @@ class Daemon:
             for layer in layers:  # acquired by _load_image: nothing uses them now
                 self.cache.release(layer.digest)
             raise
+        if self.config.metadata_first and state.view.hints:
+            started = trio.current_time()
+            fetched = await state.view.fetch_metadata()
+            log.info("view %s: %d bytes of file system metadata fetched in %.3f s before the first read",
+                     name, fetched, trio.current_time() - started)
         state.path = await self._serve_natively(state) or self.fs_dir / name
         return {"path": str(state.path), "disk_size": state.view.disk_size}
 
@@ -296,7 +301,7 @@ class Daemon:
         view = View(name, layers, fetcher=fetcher, limiter=self.limiter, memory=self.memory,
                     writable=writable, io_timeout=float(request.get("io_timeout", 30)), gate=self.gate,
                     spawn=self._nursery.start_soon, trace=trace, store_lock=self.store_lock,
-                    on_stored=self.peers.chunks_stored)
+                    on_stored=self.peers.chunks_stored, hint_policy=self.config.hint_policy())
         state = ViewState(view, request, sources, image, manifest)
         self.views[name] = state
         self.fs.add(view)
@@ -532,6 +537,9 @@ class Daemon:
             "bytes_on_demand": s.bytes_on_demand,
             "bytes_prefetched": s.bytes_prefetched,
             "bytes_read_ahead": s.bytes_read_ahead,
+            "bytes_companions": s.bytes_companions,
+            "bytes_metadata": s.bytes_metadata,
+            "hints_ignored": s.hints_ignored,
             "sources": dict(fetch_stats.bytes_by_source),  # of every view of this image source
             "chunks_total": chunks_total,
             "chunks_local": chunks_local,

@@ -34,6 +34,7 @@ import trio
 from dadi.format.blob import decode_chunk
 from dadi.format.index import ZERO, MergedIndex
 from dadi.format.model import LayerTables
+from dadi.node.hints import DEFAULT_HINT_POLICY, HintPolicy, LayerHints
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class ViewStats:
     bytes_on_demand: int = 0  # stored bytes fetched because a read needed them
     bytes_prefetched: int = 0
     bytes_read_ahead: int = 0  # part of bytes_on_demand: fetched ahead of sequential reads
+    bytes_companions: int = 0  # part of bytes_on_demand: fetched along with a miss (the rest of its file)
+    bytes_metadata: int = 0  # part of bytes_on_demand: the file system metadata a mount fetched first
+    hints_ignored: int = 0  # layers whose read hints were malformed or disagreed with their extents
     chunk_hits: int = 0  # chunks reads found in memory or the local cache
     chunk_misses: int = 0  # chunks reads had to fetch
     sources: dict[str, int] = field(default_factory=dict)
@@ -110,10 +114,12 @@ class View:
     def __init__(self, name: str, layers: list[LayerBlob], *, fetcher, limiter: trio.CapacityLimiter,
                  memory: ChunkLRU, writable=None, io_timeout: float = 30.0, gate=None, spawn=None,
                  trace=None, store_lock: threading.Lock | None = None,
-                 on_stored: Callable[[str, list[int]], None] | None = None):
+                 on_stored: Callable[[str, list[int]], None] | None = None,
+                 hint_policy: HintPolicy | None = DEFAULT_HINT_POLICY):
         """`gate` (dadi.node.prefetch.OnDemandGate) is told when reads wait on the network; `spawn`
         starts a background task (read-ahead; none without it); `trace` records what reads need;
-        `on_stored(digest, indexes)` hears of fetched chunks once they are in the cache (the announcer)."""
+        `on_stored(digest, indexes)` hears of fetched chunks once they are in the cache (the announcer);
+        `hint_policy` says how the layers' read hints are used (None: not at all, the block path alone)."""
         self.name = name
         self.layers = layers
         self.fetcher = fetcher
@@ -138,6 +144,13 @@ class View:
         self.block_size = tables[0].block_size
         self.disk_size = tables[0].disk_size
         self.index = MergedIndex([t.extents for t in tables], block_size=self.block_size, disk_size=self.disk_size)
+        self.hints: dict[str, LayerHints] = {}
+        for layer in layers if hint_policy is not None else ():
+            hints = LayerHints(layer.tables, hint_policy, name=f"view {name}: layer {layer.digest}")
+            if hints.problem:
+                self.stats.hints_ignored += 1
+            elif hints.usable:
+                self.hints[layer.digest] = hints
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -250,8 +263,47 @@ class View:
                 self.stats.chunk_hits += len(indexes) - len(missing)
                 self.stats.chunk_misses += len(missing)
             if missing:
+                if purpose == "on_demand" and self.spawn is not None and layer.digest in self.hints:
+                    companions = self.hints[layer.digest].companions(missing)
+                    if companions:
+                        # In parallel, not in the read's own request: the read waits only for its chunks.
+                        self.spawn(self._fetch_companions, layer, companions, deadline)
                 raws.update(await self._fetch(layer, missing, deadline, purpose))
         return [raws[i] for i in indexes]
+
+    async def _fetch_companions(self, layer: LayerBlob, indexes: list[int], deadline: float) -> None:
+        """Fetch what the hints say comes with a miss (the rest of a small file); errors are dropped: a
+        read that needs these bytes fetches them itself, under its own deadline."""
+        try:
+            absent = [i for i in indexes if self.memory.get((layer.digest, i)) is None]
+            missing = await self._in_thread(layer.cache.missing, absent)
+            if missing:
+                await self._fetch(layer, missing, deadline, "companion")
+        except Exception as e:
+            log.debug("view %s: fetching %d chunks along with a miss stopped: %s", self.name, len(indexes), e)
+
+    async def fetch_metadata(self) -> int:
+        """Fetch every layer's file system metadata that is not local, all layers at once, before the
+        view serves its first read; returns the stored bytes fetched. Failures are logged, not raised:
+        without the metadata, lookups fetch it block by block as they would without hints."""
+        before = self.stats.bytes_metadata
+        deadline = trio.current_time() + self.io_timeout
+
+        async def one(layer: LayerBlob, chunks: list[int]) -> None:
+            try:
+                absent = [i for i in chunks if self.memory.get((layer.digest, i)) is None]
+                missing = await self._in_thread(layer.cache.missing, absent)
+                if missing:
+                    await self._fetch(layer, missing, deadline, "metadata")
+            except Exception as e:
+                log.warning("view %s: metadata of layer %s not fetched ahead: %s", self.name, layer.digest, e)
+
+        async with trio.open_nursery() as nursery:
+            for layer in self.layers:
+                hints = self.hints.get(layer.digest)
+                if hints is not None and hints.metadata_chunks:
+                    nursery.start_soon(one, layer, hints.metadata_chunks)
+        return self.stats.bytes_metadata - before
 
     def _read_local(self, layer: LayerBlob, indexes: list[int]) -> dict[int, bytes]:
         out = {}
@@ -269,7 +321,7 @@ class View:
             raise ReadTimeout(f"{layer.digest}: no time left to fetch {len(indexes)} chunks")
         from dadi.node.fetch import FetchError, FetchTimeout
 
-        on_demand = purpose == "on_demand"  # not a prefetch, nor a read-ahead, whose failures fail no read
+        on_demand = purpose == "on_demand"  # not a prefetch, read-ahead or companion: their failures fail no read
         if on_demand:
             self._fail_fast(layer.digest, indexes)
         pieces = self.fetcher.pieces
@@ -325,6 +377,10 @@ class View:
                     self.stats.bytes_on_demand += len(data)
                     if purpose == "read_ahead":
                         self.stats.bytes_read_ahead += len(data)
+                    elif purpose == "companion":
+                        self.stats.bytes_companions += len(data)
+                    elif purpose == "metadata":
+                        self.stats.bytes_metadata += len(data)
             raw = decode_chunk(data, chunks[i], verify="none")  # the fetcher checked sha256
             self.memory.put((layer.digest, i), raw)
             out[i] = raw
