@@ -43,6 +43,11 @@ def test_metadata_and_small_files_map_to_their_chunks():
     assert hints.companions([18]) == [19]  # the window ends with the file
 
 
+def test_metadata_chunks_close_together_are_fetched_with_the_gap_between():
+    tables = tables_with([(0, 1), (6, 2), (30, 2)], [])  # chunks 0, 3 and 15
+    assert LayerHints(tables).metadata_chunks == [0, 1, 2, 3, 15]  # 2 requests, not 3
+
+
 def test_hints_follow_the_packed_stream_not_the_disk():
     tables = tables_with([(100, 2)], [[(200, 2)]], extents=((100, 2), (200, 2)))
     hints = LayerHints(tables)

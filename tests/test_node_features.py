@@ -45,6 +45,9 @@ def test_a_file_read_from_start_to_end_is_fetched_ahead_of_its_reads(two_images,
     # The loop device's read-ahead at 128 KiB and reads of 64 KiB: the view sees a sequence of reads. With
     # the default 512 KiB and one read() of the whole file, the kernel may send the file in one or two
     # merged requests, and a view that saw no sequence rightly reads nothing ahead (this test flaked so).
+    # busybox (~2 MiB) stands in for a big file: no file comes whole with its first miss here.
+    node.mkdir(parents=True, exist_ok=True)
+    (node / "daemon.toml").write_text('whole_file_max = "0"\n')
     mount(two_images[0], mnt, node, "--no-prefetch", "--read-ahead", "128KiB")
     before = stats(mnt, node)
     with open(mnt / "bin" / "busybox", "rb") as f:  # ~2 MiB of code, read from start to end
@@ -210,3 +213,13 @@ def test_the_daemon_serves_prometheus_metrics_of_what_it_fetched(two_images, nod
     assert samples[("dadi_node_chunks_total", (("view", "m"),))] == seen["chunks_total"]
     assert samples[("dadi_node_chunk_misses_total", (("view", "m"),))] > 0
     assert samples[("dadi_node_prefetch_done", (("view", "m"),))] == 0
+
+
+def test_the_read_hint_settings_come_from_the_config_file(tmp_path):
+    path = tmp_path / "daemon.toml"
+    path.write_text('whole_file_max = "512KiB"\nmetadata_first = false\n')
+    policy = load_config(path).hint_policy()
+    assert (policy.whole_file_max, policy.metadata_first) == (512 << 10, False)
+    path.write_text('metadata_first = "no"\n')
+    with pytest.raises(DadiError, match="metadata_first must be true or false"):
+        load_config(path)

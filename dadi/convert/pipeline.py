@@ -21,7 +21,7 @@ from pathlib import Path
 from dadi.convert.apply import LayerContents, apply_contents, read_layer
 from dadi.convert.blockdiff import BlockHashes, changed_extents, hash_disk
 from dadi.convert.cache import ChainEntry, ConvertCache
-from dadi.convert.ext4map import layer_hints
+from dadi.convert.ext4map import HINTS_VERSION, layer_hints
 from dadi.convert.spool import Spool, memory_budget
 from dadi.convert.tree import TreeModel
 from dadi.convert.workdisk import create_disk
@@ -50,7 +50,7 @@ class ConvertOptions:
 
     def cache_params(self) -> str:
         return (
-            f"dadi-convert format={FORMAT_VERSION} applier={APPLIER_VERSION} "
+            f"dadi-convert format={FORMAT_VERSION} applier={APPLIER_VERSION} hints={HINTS_VERSION} "
             f"chunk={self.chunk_size} disk={self.disk_size} block={BLOCK_SIZE}"
         )
 

@@ -3,7 +3,8 @@
 The tables' hints (format version 2, dadi.convert.ext4map) say which disk blocks of the layer hold file
 system metadata and which hold each regular file. Here they become chunk indexes of the layer:
 
-- `metadata_chunks`: fetched in a few large parallel requests before a mount returns, so that path
+- `metadata_chunks`: fetched in a few large parallel requests before a mount returns (with the
+  chunks in the small gaps between them, so that they are few), so that path
   lookups, stat and open find the metadata local instead of waiting on one round trip per block.
 - `companions(missing)`: the chunks to fetch along with a read's missing chunks. A small file (up to
   `HintPolicy.whole_file_max` bytes) comes whole with its first miss: a process that opens a file
@@ -42,6 +43,21 @@ class HintPolicy:
 DEFAULT_HINT_POLICY = HintPolicy()
 
 
+# Metadata chunks this close are fetched with the chunks between them: one ranged request instead of
+# two. Directories and inode tables are scattered between file data; without this, a Debian image's
+# metadata took ~200 requests.
+METADATA_GAP_CHUNKS = 4
+
+
+def _fill_gaps(chunks: list[int], gap: int) -> list[int]:
+    out: list[int] = []
+    for c in chunks:
+        if out and c - out[-1] <= gap + 1:
+            out.extend(range(out[-1] + 1, c))
+        out.append(c)
+    return out
+
+
 class HintError(ValueError):
     """A hint names blocks the layer's extents do not store."""
 
@@ -76,7 +92,7 @@ class LayerHints:
             log.warning("%s: read hints disagree with the extents and are ignored, reads take the block path: %s",
                         name, e)
             return
-        self.metadata_chunks = metadata
+        self.metadata_chunks = _fill_gaps(metadata, METADATA_GAP_CHUNKS)
         self._small = {c: tuple(sorted(group)) for c, group in small.items()}
         self._big = big
         self._window = window

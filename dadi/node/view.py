@@ -17,6 +17,11 @@ fetches the chunks of the next window in the background, so that the next reads 
 window starts at READ_AHEAD_MIN (or twice the read) and doubles with each sequential read up to
 READ_AHEAD_MAX; a read further on inside the window read ahead also counts (the native read path answers
 the reads in between without us), a read elsewhere closes it. One read-ahead runs at a time per view. Read-ahead bytes count as on-demand bytes (reads caused them) and also on their own.
+
+Read hints (format version 2, dadi.node.hints): `fetch_metadata` brings every layer's file system
+metadata local before the daemon hands the view out, and a read that misses a chunk of a small file
+fetches the rest of that file beside its own request ("companions"), so the process reading the file
+waits one round trip for it, not one per kernel read. Both count as on-demand bytes and on their own.
 """
 
 from __future__ import annotations

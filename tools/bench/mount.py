@@ -22,7 +22,12 @@ The daemons of 2 and 3 are started afresh on the prefetched root for every run, 
 the chunk cache on disk. Every loop device (the views' and the plain one) reads ahead what `dadi mount`
 sets (READ_AHEAD_KB), so that both file systems issue the same reads to their block devices.
 
-    .venv/bin/python tools/bench/mount.py [--runs 3] [--write]
+    .venv/bin/python tools/bench/mount.py [--runs 3] [--rtt-ms 20] [--write]
+
+--rtt-ms N puts tools/bench/delayproxy.py in front of the registry, inside its namespace (tc has no netem
+here), and sends every client through it (pushes, containerd's pull, the dadi daemon, the probe): each
+request and its answer wait N ms more, and so does each new connection. Its report is a section of its own.
+The registry's access log counts the requests that each cold start (mount to app exit) sent it.
 
 Needs root, FUSE, loop devices, network namespaces; tears everything down on exit, also on Ctrl-C.
 """
@@ -35,6 +40,8 @@ import contextlib
 import json
 import os
 import random
+import re
+import select
 import shutil
 import signal
 import stat
@@ -61,10 +68,15 @@ from dadi.node.control import DaemonNotRunning, request  # noqa: E402
 from dadi.node.mounting import DEFAULT_READ_AHEAD  # noqa: E402
 
 DADI = str(REPO / ".venv" / "bin" / "dadi")
+PYTHON = str(REPO / ".venv" / "bin" / "python")
+DELAYPROXY = HERE / "delayproxy.py"
+SECTION = "Node: cold start, warm and random reads"
 CONVERT_CACHE = REPO / ".cache" / "bench-images" / "dadi-convert"
 REPOSITORY = "bench/app"
 DAEMON_START_DEADLINE = 20.0
 DAEMON_STOP_DEADLINE = 30.0
+PROXY_START_DEADLINE = 20.0
+PROXY_STOP_DEADLINE = 10.0
 PREFETCH_DEADLINE = 600.0
 RANDOM_READS = 2000
 RANDOM_SEED = 4096
@@ -182,6 +194,109 @@ def dadi_view(root: Path, image: str, directory: Path, *, prefetch: bool, option
 def dadi_stats(root: Path, directory: Path, wait_prefetch: float | None = None) -> dict:
     extra = [] if wait_prefetch is None else ["--wait-prefetch", str(wait_prefetch)]
     return json.loads(run(DADI, "stats", directory, "--root", root, "--json", *extra))
+
+
+# --- the registry's access log, and a delay proxy in front of the registry -------------------------
+
+
+# One access log line (gorilla's combined format): ... "GET /v2/bench/app/blobs/sha256:... HTTP/1.1" 206 ...
+ACCESS_LINE = re.compile(r'"([A-Z]+) (/v2/\S*) HTTP/[0-9.]+" ([0-9]{3}) ')
+
+
+class CountingRegistry(RegistryServer):
+    """RegistryServer with docker-registry's access log on (one line per request, after its answer, into
+    the server's log file), so that a run can count what the registry was asked between two marks."""
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        config = json.loads(self.config_path.read_text())  # JSON, as RegistryServer writes it
+        config.setdefault("log", {})["accesslog"] = {"disabled": False}
+        self.config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+    def mark(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def requests_since(self, mark: int) -> dict:
+        """{"blob_gets": GETs of blobs (not uploads), "requests": every request} logged after mark."""
+        with self.log_path.open("rb") as f:
+            f.seek(mark)
+            text = f.read().decode(errors="replace")
+        blob_gets = requests = 0
+        for method, path, _status in ACCESS_LINE.findall(text):
+            requests += 1
+            blob_gets += method == "GET" and "/blobs/" in path and "/blobs/uploads/" not in path
+        return {"blob_gets": blob_gets, "requests": requests}
+
+    @property
+    def counting(self) -> bool:
+        """Whether the access log works: the readiness probe's GET /v2/ is in it."""
+        return self.requests_since(0)["requests"] > 0
+
+
+class DelayProxyProcess:
+    """tools/bench/delayproxy.py in the registry's namespace, on an ephemeral port of `address`, adding
+    rtt_ms to every round trip to `upstream`; `host` is what clients use instead of the registry's.
+    Stopped by its pid (`ip netns exec` execs python: the pid is the proxy's)."""
+
+    def __init__(self, netns: str, address: str, upstream: str, rtt_ms: float, log_path: Path):
+        self.argv = ["ip", "netns", "exec", netns, PYTHON, str(DELAYPROXY), "--listen", f"{address}:0",
+                     "--upstream", upstream, "--rtt-ms", format(rtt_ms, "g")]
+        self.log_path = log_path
+        self.host = ""
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def __enter__(self) -> DelayProxyProcess:
+        with self.log_path.open("ab") as err:
+            self._process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                             stderr=err, start_new_session=True)
+        try:
+            line = self._first_line()
+            found = re.match(r"delaying \S+ ms: (\S+):([0-9]+) -> ", line)
+            if not found:
+                raise RuntimeError(f"the delay proxy said {line!r}, not its address: {self.log()}")
+            self.host = f"{found[1]}:{found[2]}"
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _first_line(self) -> str:
+        stdout = self._process.stdout
+        deadline = time.monotonic() + PROXY_START_DEADLINE
+        line = b""
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"the delay proxy printed no address in {PROXY_START_DEADLINE} s: {self.log()}")
+            if select.select([stdout], [], [], left)[0]:
+                byte = os.read(stdout.fileno(), 1)
+                if not byte:
+                    raise RuntimeError(f"the delay proxy exited at start ({self._process.wait()}): {self.log()}")
+                line += byte
+        return line.decode(errors="replace").strip()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=PROXY_STOP_DEADLINE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        process.stdout.close()
 
 
 # --- plain loop devices and chroots ---------------------------------------------------------------
@@ -304,7 +419,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="write the figures into docs/BENCHMARKS.md")
+    parser.add_argument("--rtt-ms", type=float, default=0.0,
+                        help="round trip added to every exchange with the registry, by tools/bench/delayproxy.py "
+                             "in the registry's namespace (default 0: no proxy); reported in a section of its own")
     args = parser.parse_args()
+    if args.rtt_ms < 0:
+        parser.error("--rtt-ms must not be negative")
     if os.geteuid() != 0:
         log("the node benchmark needs root (FUSE, loop devices, network namespaces, containerd)")
         return 2
@@ -333,11 +453,20 @@ def bench(args, work: Path, stack: contextlib.ExitStack) -> int:
     log(f"image: oci:{layout}:{tag}, {oci_bytes / 1e6:.1f} MB of gzip blobs")
 
     link = stack.enter_context(ShapedLink())
-    registry = stack.enter_context(RegistryServer(work / "registry", netns=link.netns, address=link.remote_address))
-    oci_ref = f"{registry.host}/{REPOSITORY}:oci"
-    dadi_ref = f"docker://{registry.host}/{REPOSITORY}:dadi"
-    dadi_layout = f"oci:{work / 'dadi-layout'}:{tag}"
+    registry = stack.enter_context(CountingRegistry(work / "registry", netns=link.netns, address=link.remote_address))
     log(f"registry {registry.host} (pid {registry.pid}) in netns {link.netns}, {link.describe()}")
+    if not registry.counting:
+        log("the registry's access log has no requests: the report leaves out the requests per start")
+    host = registry.host  # what every client of the registry uses
+    if args.rtt_ms > 0:
+        proxy = stack.enter_context(DelayProxyProcess(link.netns, link.remote_address, registry.host, args.rtt_ms,
+                                                      work / "delayproxy.log"))
+        host = proxy.host
+        log(f"delay proxy {host} (pid {proxy.pid}) in netns {link.netns}: +{args.rtt_ms:g} ms per round trip "
+            f"to {registry.host}; every client goes through it")
+    oci_ref = f"{host}/{REPOSITORY}:oci"
+    dadi_ref = f"docker://{host}/{REPOSITORY}:dadi"
+    dadi_layout = f"oci:{work / 'dadi-layout'}:{tag}"
     run("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{oci_ref}")
     summary = json.loads(run(DADI, "convert", f"oci:{layout}:{tag}", dadi_ref, "--plain-http", "--json", "-q",
                              "--cache-dir", CONVERT_CACHE))
@@ -353,31 +482,37 @@ def bench(args, work: Path, stack: contextlib.ExitStack) -> int:
     trace = work / "app.trace"
     record_trace(dadi_ref, work / "dadi-record", work / "mnt-record", trace)
     log(f"recorded the start's trace ({trace.stat().st_size} bytes) and pushed it beside {dadi_ref}")
-    ctd = {"pull": [], "run": [], "total": []}
+    ctd = collections.defaultdict(list)
     cold = {source: collections.defaultdict(list) for source in COLD_VARIANTS}
     for i in range(runs):
         with Containerd(work / f"containerd-{i}") as containerd:
             drop_caches()
+            mark = registry.mark()
             t0 = time.perf_counter()
             containerd.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", oci_ref)
             t1 = time.perf_counter()
             out = containerd.ctr("run", "--rm", "--snapshotter", "overlayfs", oci_ref, f"bench-{i}", *START_COMMAND)
             t2 = time.perf_counter()
+            asked = registry.requests_since(mark)
         check_app(out, "containerd")
         ctd["pull"].append(t1 - t0)
         ctd["run"].append(t2 - t1)
         ctd["total"].append(t2 - t0)
-        log(f"cold {i + 1}/{runs} containerd: pull {t1 - t0:.2f} s + run {t2 - t1:.2f} s = {t2 - t0:.2f} s")
+        for key, value in asked.items():
+            ctd[key].append(value)
+        log(f"cold {i + 1}/{runs} containerd: pull {t1 - t0:.2f} s + run {t2 - t1:.2f} s = {t2 - t0:.2f} s; "
+            f"registry: {asked['blob_gets']} blob GETs, {asked['requests']} requests")
         for source, (label, prefetch) in COLD_VARIANTS.items():
             image = dadi_layout if source == "layout" else dadi_ref
             figures = dadi_cold_start(image, work / f"dadi-cold-{source}-{i}", work / f"mnt-cold-{source}-{i}",
-                                      prefetch=prefetch)
+                                      registry, prefetch=prefetch)
             for key, value in figures.items():
                 cold[source][key].append(value)
             log(f"cold {i + 1}/{runs} {label}: mount {figures['mount']:.2f} s + run {figures['run']:.2f} s = "
                 f"{figures['total']:.2f} s, {figures['on_demand'] / 1e6:.1f} MB on demand in {figures['reads']} reads"
                 f", {figures['prefetched'] / 1e6:.1f} MB prefetched ({figures['trace_chunks']} trace chunks), "
-                f"daemon CPU {figures['cpu']:.2f} s")
+                f"daemon CPU {figures['cpu']:.2f} s; registry: {figures['blob_gets']} blob GETs, "
+                f"{figures['requests']} requests")
 
     # the physical limit: the same run on a local loop device, and what it reads from it
     local = {"run": [], "bytes": []}
@@ -436,23 +571,27 @@ def bench(args, work: Path, stack: contextlib.ExitStack) -> int:
             f"(daemon CPU {warm['cpu'][-1]:.2f} s, {warm['reads'][-1]} reads), plain loop {warm['plain'][-1]:.2f} s; "
             f"random 4 KiB: dadi {rand['dadi'][-1]:.0f}/s, plain {rand['plain'][-1]:.0f}/s")
 
-    probe = probe_registry(registry.host, summary)
+    probe = probe_registry(host, summary)
     log(f"registry probe: 64 KiB range GET {probe['small_ms']:.2f} ms, 4 MiB {probe['large_ms']:.1f} ms (medians)")
 
-    body = report(args, link, oci_bytes, ctd, cold, local, prefetch_s, tree, warm, rand, probe, load_before)
+    body = report(args, link, oci_bytes, ctd, cold, local, prefetch_s, tree, warm, rand, probe, load_before,
+                  counted=registry.counting)
     print()
+    print(f"## {section_title(args.rtt_ms)}\n")
     print(body)
     if args.write:
-        write_section("Node: cold start, warm and random reads", body)
+        write_section(section_title(args.rtt_ms), body)
     return 0
 
 
-def dadi_cold_start(image: str, root: Path, mnt: Path, *, prefetch: bool = False) -> dict:
-    """One cold start on a fresh daemon root: `dadi mount [--no-prefetch]` + the app; timings and stats.
+def dadi_cold_start(image: str, root: Path, mnt: Path, registry: CountingRegistry, *, prefetch: bool = False) -> dict:
+    """One cold start on a fresh daemon root: `dadi mount [--no-prefetch]` + the app; timings, stats and
+    the requests the registry logged from the mount to the app's exit.
 
     With prefetch (the default mount), the daemon fetches the image's trace first, at once."""
     with DadiDaemon(root) as daemon:
         drop_caches()
+        mark = registry.mark()
         cpu0, t0 = cpu_seconds(daemon.pid), time.perf_counter()
         with dadi_view(root, image, mnt, prefetch=prefetch) as info:
             # What `dadi mount` set; checked, so that the figures never depend on the device's history.
@@ -460,13 +599,14 @@ def dadi_cold_start(image: str, root: Path, mnt: Path, *, prefetch: bool = False
             t1 = time.perf_counter()
             out = chroot_run(mnt, START_COMMAND)
             t2 = time.perf_counter()
+            asked = registry.requests_since(mark)
             cpu = cpu_seconds(daemon.pid) - cpu0
             stats = dadi_stats(root, mnt)
     shutil.rmtree(root, ignore_errors=True)
     check_app(out, image)
     return {"mount": t1 - t0, "run": t2 - t1, "total": t2 - t0, "cpu": cpu, "on_demand": stats["bytes_on_demand"],
             "prefetched": stats["bytes_prefetched"], "trace_chunks": stats.get("trace_chunks") or 0,
-            "reads": stats["reads"], "bytes_total": stats["bytes_total"]}
+            "reads": stats["reads"], "bytes_total": stats["bytes_total"], **asked}
 
 
 def record_trace(image: str, root: Path, mnt: Path, trace: Path) -> None:
@@ -509,6 +649,11 @@ def probe_registry(host: str, summary: dict) -> dict:
         source.close()
 
 
+def section_title(rtt_ms: float) -> str:
+    """The report's section in docs/BENCHMARKS.md: one per added round trip (none: the plain title)."""
+    return SECTION if rtt_ms <= 0 else f"{SECTION}, registry {rtt_ms:g} ms away (delay proxy)"
+
+
 def cold_note(reg: dict, lay: dict, probe: dict) -> str:
     """Where the cold start's time goes, from the figures (so that it stays true when they change)."""
     waiting = med(reg["run"]) - med(lay["run"])
@@ -535,8 +680,25 @@ def revision() -> str:
     return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
 
 
-def report(args, link, oci_bytes, ctd, cold, local, prefetch_s, tree, warm, rand, probe, load) -> str:
+def report(args, link, oci_bytes, ctd, cold, local, prefetch_s, tree, warm, rand, probe, load, *,
+           counted: bool = True) -> str:
     mb = 1e6
+    rtt = args.rtt_ms
+    rtt_option = f" --rtt-ms {rtt:g}" if rtt > 0 else ""
+    away = (f", {rtt:g} ms away: every client (pushes, containerd's pull, the dadi daemon, the probe) reaches it "
+            f"through tools/bench/delayproxy.py in its namespace, which adds {rtt:g} ms to each round trip and "
+            "one to each new connection (tc has no netem here)" if rtt > 0 else "")
+
+    def asked(figures: dict) -> str:
+        """The requests the registry logged during a start (mount, or pull, to the app's exit)."""
+        if not counted:
+            return ""
+        text = (f"; registry: {med(figures['blob_gets']):.0f} blob GETs, {med(figures['requests']):.0f} "
+                "requests in all")
+        if rtt > 0:
+            text += f" (x {rtt:g} ms = {med(figures['blob_gets']) * rtt / 1000:.2f} s if the start waited for each)"
+        return text
+
     reg, lay = cold["registry"], cold["layout"]
     bytes_total = reg["bytes_total"][-1]
     ctd_s = med(ctd["total"])
@@ -553,7 +715,8 @@ def report(args, link, oci_bytes, ctd, cold, local, prefetch_s, tree, warm, rand
                         f"({med(figures['trace_chunks']):.0f} chunks of the trace)")
         return (f"| {COLD_VARIANTS[source][0]} | {med(figures['total']):.2f} | {fmt_runs(figures['total'])} | mount "
                 f"{med(figures['mount']):.2f} s, run {med(figures['run']):.2f} s; {fetched}; "
-                f"{med(figures['reads']):.0f} reads; daemon CPU {med(figures['cpu']):.2f} s |\n")
+                f"{med(figures['reads']):.0f} reads; daemon CPU {med(figures['cpu']):.2f} s"
+                f"{'' if source == 'layout' else asked(figures)} |\n")
 
     def goals(source: str) -> str:
         figures = cold[source]
@@ -569,27 +732,31 @@ def report(args, link, oci_bytes, ctd, cold, local, prefetch_s, tree, warm, rand
         )
 
     return (
-        f"Command: `.venv/bin/python tools/bench/mount.py --runs {args.runs} --write` ({machine()}; "
+        f"Command: `.venv/bin/python tools/bench/mount.py --runs {args.runs}{rtt_option} --write` ({machine()}; "
         f"{containerd_version()}; revision {revision()}).\n\n"
         f"Image: Debian bookworm minbase + python3 + python3-numpy, and an app layer with /app/start.py "
         f"(imports numpy, solves a 300x300 system, prints a line) and /app/big.bin (200 MB of random bytes "
         f"the start never reads): {oci_bytes / mb:.1f} MB of gzip OCI blobs, {bytes_total / mb:.1f} MB as a "
         f"dadi image, {tree[1] / mb:.0f} MB in {tree[0]} files. The registry (docker-registry) runs in a network "
-        f"namespace behind a {link.describe()}. Page cache dropped before every measured run; medians of "
+        f"namespace behind a {link.describe()}{away}. Page cache dropped before every measured run; medians of "
         f"{args.runs} runs; dadi and containerd alternate; load average {load:.2f} before the run. Every loop "
         f"device (the views' and the plain one) reads ahead {READ_AHEAD_KB} KiB, what `dadi mount` sets.\n\n"
-        "### Cold start\n\n"
-        "containerd: a fresh containerd root, `ctr images pull` + `ctr run --rm` (overlayfs). dadi: a fresh "
+        + ("### Cold start\n\n" if rtt <= 0 else f"### Cold start, {rtt:g} ms round trip to the registry\n\n")
+        + "containerd: a fresh containerd root, `ctr images pull` + `ctr run --rm` (overlayfs). dadi: a fresh "
         "daemon root (empty chunk cache; the daemon already running, as containerd is), `dadi mount` + the app "
         "chrooted into the view (with /proc, /sys, /dev, as `dadi run` does): with `--no-prefetch` (every chunk "
         "on demand); as a default mount, which prefetches the image's trace first (recorded once by "
         "`dadi mount --record-trace` on another root, stored with `dadi trace push`); and with `--no-prefetch` "
         "from a local OCI layout of the dadi image, to see the registry's share. Physical limit: the app's "
         "cold run on the exported disk on a plain loop device + the bytes it read from the device at "
-        f"{link.rate_bytes_per_s * 8 / 1e9:g} Gbit/s.\n\n"
+        f"{link.rate_bytes_per_s * 8 / 1e9:g} Gbit/s"
+        + (" (no round trip in it)" if rtt > 0 else "")
+        + (". Registry requests: the lines docker-registry's access log gained from the mount (the pull) to the "
+           "app's exit; each blob GET is a round trip the start may have waited for" if counted else "")
+        + ".\n\n"
         "| | median s | runs (s) | parts (medians) |\n|---|---|---|---|\n"
         f"| containerd pull + run | {ctd_s:.2f} | {fmt_runs(ctd['total'])} | pull {med(ctd['pull']):.2f} s, "
-        f"run {med(ctd['run']):.2f} s |\n"
+        f"run {med(ctd['run']):.2f} s{asked(ctd)} |\n"
         + cold_row("registry") + cold_row("trace") + cold_row("layout")
         + f"| local loop run | {local_s:.2f} | {fmt_runs(local['run'])} | {local_bytes / mb:.1f} MB read from "
         f"the device |\n"
