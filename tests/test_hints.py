@@ -34,13 +34,35 @@ def tables_with(metadata, files, extents=((0, 64),)):
 
 def test_metadata_and_small_files_map_to_their_chunks():
     tables = tables_with([(0, 3)], [[(4, 4)], [(8, 1)], [(10, 30)]])
-    hints = LayerHints(tables, HintPolicy(whole_file_max=16 * BLOCK, big_file_window=4 * CHUNK))
+    hints = LayerHints(tables, HintPolicy(whole_file_max=16 * BLOCK, big_file_window=4 * CHUNK, neighbour_window=0))
     assert hints.problem == "" and hints.metadata_chunks == [0, 1]
     assert hints.companions([2]) == [3]  # blocks 4-7: chunks 2-3, the whole file with its first miss
     assert hints.companions([4]) == []  # block 8 alone in chunk 4
     # blocks 10-39 (chunks 5-19) are a big file: the 4 chunks after the miss come along, not the file
     assert hints.companions([6]) == [7, 8, 9, 10]
     assert hints.companions([18]) == [19]  # the window ends with the file
+
+
+def test_a_small_files_miss_brings_the_small_files_after_it_on_the_disk():
+    # four small files of 2 blocks (one chunk each: chunks 8, 9, 10, 11), a big one, one more small one
+    tables = tables_with([], [[(22, 2)], [(16, 2)], [(18, 2)], [(20, 2)], [(24, 30)], [(60, 2)]])
+    hints = LayerHints(tables, HintPolicy(whole_file_max=16 * BLOCK, big_file_window=4 * CHUNK,
+                                          neighbour_window=2 * 2 * BLOCK))
+    assert hints.companions([8]) == [9, 10]  # disk order, not the tables' order; 2 files' worth
+    assert hints.companions([10]) == [11, 30]  # the big file in between is not a neighbour
+    assert hints.companions([30]) == []  # nothing after the last file
+    assert hints.companions([15]) == [16, 17, 18, 19]  # a miss in the big file: its window, no neighbours
+    assert LayerHints(tables, HintPolicy(neighbour_window=0)).companions([8]) == []
+
+
+def test_metadata_runs_are_adjacent_chunks_cut_at_the_request_size():
+    tables = tables_with([(0, 8), (20, 2)], [])  # chunks 0-3 and 10, filled across no gap (6 apart)
+    hints = LayerHints(tables)
+    assert hints.metadata_chunks == [0, 1, 2, 3, 10]
+    stored = tables.chunks[0].length  # random bytes: every chunk stores about CHUNK bytes
+    assert hints.metadata_runs(1 << 20) == [[0, 1, 2, 3], [10]]
+    assert hints.metadata_runs(2 * stored + 64) == [[0, 1], [2, 3], [10]]
+    assert hints.metadata_runs(1) == [[0], [1], [2], [3], [10]]  # a chunk above the cap goes alone
 
 
 def test_metadata_chunks_close_together_are_fetched_with_the_gap_between():
@@ -109,7 +131,12 @@ def test_the_converter_writes_metadata_and_file_hints(dadi_busybox):
 def test_after_the_mount_lookups_and_stat_need_no_network(dadi_busybox, node, tmp_path):
     mnt = tmp_path / "mnt"
     mount(f"oci:{dadi_busybox}:dadi", mnt, node, "--no-prefetch")
-    mounted = stats(mnt, node)
+    for _ in range(300):  # the metadata comes beside the mount and the first reads: let it land
+        mounted = stats(mnt, node)
+        if mounted["metadata_state"] != "fetching":
+            break
+        time.sleep(0.1)
+    assert mounted["metadata_state"] == "done"
     assert mounted["bytes_metadata"] > 0 and mounted["hints_ignored"] == 0
     listing = subprocess.run(["ls", "-laR", str(mnt)], capture_output=True, text=True, check=True).stdout
     assert "busybox" in listing

@@ -217,9 +217,9 @@ def test_the_daemon_serves_prometheus_metrics_of_what_it_fetched(two_images, nod
 
 def test_the_read_hint_settings_come_from_the_config_file(tmp_path):
     path = tmp_path / "daemon.toml"
-    path.write_text('whole_file_max = "512KiB"\nmetadata_first = false\n')
+    path.write_text('whole_file_max = "512KiB"\nneighbour_window = "0"\nmetadata_first = false\n')
     policy = load_config(path).hint_policy()
-    assert (policy.whole_file_max, policy.metadata_first) == (512 << 10, False)
+    assert (policy.whole_file_max, policy.neighbour_window, policy.metadata_first) == (512 << 10, 0, False)
     path.write_text('metadata_first = "no"\n')
     with pytest.raises(DadiError, match="metadata_first must be true or false"):
         load_config(path)

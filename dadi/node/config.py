@@ -11,7 +11,8 @@ The file is ROOT/daemon.toml unless `dadi daemon --config FILE` names another; e
     p2p_listen = "0.0.0.0:8901"    # serve verified chunks to peers here, announce them to the supernodes
     native_reads = true            # serve read-only views' local chunks from C threads (dadi.node.nativeviews)
     whole_file_max = "2MiB"        # a miss in a file up to this size fetches the whole file ("0": off)
-    metadata_first = true          # a mount fetches the image's file system metadata before it returns
+    neighbour_window = "1MiB"      # with it, the small files after it on the disk, up to this much ("0": off)
+    metadata_first = true          # a mount fetches the image's file system metadata beside its first reads
 
 Unknown keys are errors, so a typo does not silently fall back to a default.
 """
@@ -40,10 +41,12 @@ class DaemonConfig:
     p2p_listen: str | None = None  # HOST:PORT to serve peers on (dadi.p2p.peernode); None: not served
     native_reads: bool = True  # read-only views through dadi.node.nativeviews when dadi._fastfs is built
     whole_file_max: int = HintPolicy.whole_file_max  # bytes; dadi.node.hints
+    neighbour_window: int = HintPolicy.neighbour_window  # bytes; dadi.node.hints
     metadata_first: bool = HintPolicy.metadata_first
 
     def hint_policy(self) -> HintPolicy:
-        return HintPolicy(whole_file_max=self.whole_file_max, metadata_first=self.metadata_first)
+        return HintPolicy(whole_file_max=self.whole_file_max, neighbour_window=self.neighbour_window,
+                          metadata_first=self.metadata_first)
 
     def with_overrides(self, **values) -> DaemonConfig:
         """This config with the given settings replaced; None means "not given" and keeps the current one."""
@@ -89,8 +92,9 @@ def load_config(path: Path, *, required: bool = False) -> DaemonConfig:
                 if not isinstance(data[key], bool):
                     raise ValueError(f"{key} must be true or false, not {data[key]!r}")
                 values[key] = data[key]
-        if "whole_file_max" in data:
-            values["whole_file_max"] = parse_size(data["whole_file_max"])
+        for key in ("whole_file_max", "neighbour_window"):
+            if key in data:
+                values[key] = parse_size(data[key])
         for key in ("prefetch_delay", "trace_seconds"):
             if key in data:
                 if isinstance(data[key], bool) or not isinstance(data[key], int | float):

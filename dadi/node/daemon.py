@@ -57,7 +57,9 @@ class ViewState:
     manifest: object  # the ImageManifest
     prefetch_state: str = "waiting"
     trace_chunks: int | None = None  # chunks of the image's trace the prefetch found (None: no trace)
-    cancel: trio.CancelScope | None = None
+    cancel: trio.CancelScope | None = None  # the prefetch's
+    metadata_cancel: trio.CancelScope | None = None  # the metadata fetch's (dadi.node.view.View.fetch_metadata)
+    metadata_state: str = "off"  # "fetching", then "done"; "off" without hints or with metadata_first off
     settled: trio.Event = field(default_factory=trio.Event)  # prefetch done or disabled
     path: Path | None = None  # the disk file the loop device attaches to (native or Python file system)
     loop: str | None = None  # the loop device `dadi mount` attached to `path` while this daemon ran
@@ -262,10 +264,10 @@ class Daemon:
                 self.cache.release(layer.digest)
             raise
         if self.config.metadata_first and state.view.hints:
-            started = trio.current_time()
-            fetched = await state.view.fetch_metadata()
-            log.info("view %s: %d bytes of file system metadata fetched in %.3f s before the first read",
-                     name, fetched, trio.current_time() - started)
+            # Beside the mount, not before it: the mount's and the container's first reads then wait
+            # only for their own chunks, which are the first metadata on the wire or fetched by them.
+            state.metadata_state = "fetching"
+            self._nursery.start_soon(self._fetch_metadata, state)
         state.path = await self._serve_natively(state) or self.fs_dir / name
         return {"path": str(state.path), "disk_size": state.view.disk_size}
 
@@ -400,8 +402,9 @@ class Daemon:
     async def remove_view(self, name: str, discard: bool = False) -> dict:
         """Take the view away; `discard` also deletes its writable layer (a `dadi run` view's)."""
         state = self._state(name)
-        if state.cancel is not None:
-            state.cancel.cancel()
+        for scope in (state.cancel, state.metadata_cancel):
+            if scope is not None:
+                scope.cancel()
         if state.view.trace is not None and not state.view.trace.written:
             await self._write_trace(name, state.view.trace)
         if self.native is not None:  # first: its reads in flight may be waiting on this loop
@@ -439,6 +442,14 @@ class Daemon:
         }
 
     # -- prefetch --------------------------------------------------------------------------------
+
+    async def _fetch_metadata(self, state: ViewState) -> None:
+        with trio.CancelScope() as state.metadata_cancel:
+            started = trio.current_time()
+            fetched = await state.view.fetch_metadata()
+            state.metadata_state = "done"
+            log.info("view %s: %d bytes of file system metadata fetched in %.3f s",
+                     state.view.name, fetched, trio.current_time() - started)
 
     async def _prefetch(self, state: ViewState) -> None:
         view = state.view
@@ -540,6 +551,7 @@ class Daemon:
             "bytes_companions": s.bytes_companions,
             "bytes_metadata": s.bytes_metadata,
             "hints_ignored": s.hints_ignored,
+            "metadata_state": state.metadata_state,
             "sources": dict(fetch_stats.bytes_by_source),  # of every view of this image source
             "chunks_total": chunks_total,
             "chunks_local": chunks_local,

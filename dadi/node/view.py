@@ -19,7 +19,7 @@ READ_AHEAD_MAX; a read further on inside the window read ahead also counts (the 
 the reads in between without us), a read elsewhere closes it. One read-ahead runs at a time per view. Read-ahead bytes count as on-demand bytes (reads caused them) and also on their own.
 
 Read hints (format version 2, dadi.node.hints): `fetch_metadata` brings every layer's file system
-metadata local before the daemon hands the view out, and a read that misses a chunk of a small file
+metadata local while the view mounts and starts, and a read that misses a chunk of a small file
 fetches the rest of that file beside its own request ("companions"), so the process reading the file
 waits one round trip for it, not one per kernel read. Both count as on-demand bytes and on their own.
 """
@@ -50,6 +50,9 @@ READ_AHEAD_MAX = 4 << 20
 # Seconds after a chunk's fetch failed during which reads needing it fail at once. The kernel's own
 # retries of a failed read follow within milliseconds; a reader trying again later asks the sources.
 FAIL_FAST_SECONDS = 0.25
+# Metadata requests in flight at once per view. The daemon has 8 fetch threads: this leaves half of them
+# to the reads of the starting container (docs/BENCHMARKS.md, "Metadata at mount").
+METADATA_WORKERS = 4
 
 
 @dataclass
@@ -288,26 +291,38 @@ class View:
             log.debug("view %s: fetching %d chunks along with a miss stopped: %s", self.name, len(indexes), e)
 
     async def fetch_metadata(self) -> int:
-        """Fetch every layer's file system metadata that is not local, all layers at once, before the
-        view serves its first read; returns the stored bytes fetched. Failures are logged, not raised:
-        without the metadata, lookups fetch it block by block as they would without hints."""
+        """Fetch every layer's file system metadata that is not local; returns the stored bytes fetched.
+        The daemon runs this beside the mount and the first reads, not before them. Runs of chunks go
+        out in disk order (superblock and group descriptors first), METADATA_WORKERS requests at a time,
+        each run claimed only when its request starts: a read never queues behind metadata that is
+        not on the wire yet, it fetches its own chunk. Failures are logged, not raised: without the
+        metadata, lookups fetch it block by block as they would without hints."""
         before = self.stats.bytes_metadata
         deadline = trio.current_time() + self.io_timeout
+        work: list[tuple[LayerBlob, list[int]]] = []
+        for layer in self.layers:
+            hints = self.hints.get(layer.digest)
+            if hints is not None and hints.metadata_chunks:
+                work += [(layer, run) for run in hints.metadata_runs(self.fetcher.max_request_bytes)]
+        work.sort(key=lambda item: item[1][0])  # every layer's first blocks first: what a mount reads
+        send, receive = trio.open_memory_channel(len(work))
+        for item in work:
+            send.send_nowait(item)
+        send.close()
 
-        async def one(layer: LayerBlob, chunks: list[int]) -> None:
-            try:
-                absent = [i for i in chunks if self.memory.get((layer.digest, i)) is None]
-                missing = await self._in_thread(layer.cache.missing, absent)
-                if missing:
-                    await self._fetch(layer, missing, deadline, "metadata")
-            except Exception as e:
-                log.warning("view %s: metadata of layer %s not fetched ahead: %s", self.name, layer.digest, e)
+        async def worker() -> None:
+            async for layer, run in receive:
+                try:
+                    absent = [i for i in run if self.memory.get((layer.digest, i)) is None]
+                    missing = await self._in_thread(layer.cache.missing, absent)
+                    if missing:
+                        await self._fetch(layer, missing, deadline, "metadata")
+                except Exception as e:
+                    log.warning("view %s: metadata of layer %s not fetched ahead: %s", self.name, layer.digest, e)
 
         async with trio.open_nursery() as nursery:
-            for layer in self.layers:
-                hints = self.hints.get(layer.digest)
-                if hints is not None and hints.metadata_chunks:
-                    nursery.start_soon(one, layer, hints.metadata_chunks)
+            for _ in range(min(METADATA_WORKERS, len(work))):
+                nursery.start_soon(worker)
         return self.stats.bytes_metadata - before
 
     def _read_local(self, layer: LayerBlob, indexes: list[int]) -> dict[int, bytes]:
