@@ -15,8 +15,8 @@ system metadata and which hold each regular file. Here they become chunk indexes
   A miss in a small file also brings the small files that follow it on the disk, up to
   `neighbour_window` bytes: the converter writes a layer's files in its tar's order, so they are
   mostly the same directory's, which a starting program reads together (a package's modules, a
-  library's neighbours). A range request costs ~6 ms at a registry and 1 MiB more ~4 ms of a 1 Gbit/s
-  link: for the bench's Python start, 1 MiB of neighbours took 116 misses to 82 (docs/BENCHMARKS.md).
+  library's neighbours). A range request costs a round trip, and a MiB more on it little of a fast
+  link; the window was chosen by replaying a start (tools/bench/hints_replay.py, docs/BENCHMARKS.md).
 
 Hints steer only what is fetched together, never which bytes a read returns: every byte is still found
 through the extents and checked against the chunk's sha256. So a hint that disagrees with the extents
@@ -39,7 +39,8 @@ KiB, MiB = 1 << 10, 1 << 20
 
 @dataclass(frozen=True)
 class HintPolicy:
-    """How much a miss fetches with it. The defaults were chosen by tools/bench/mount.py (docs/BENCHMARKS.md)."""
+    """How much a miss fetches with it. The defaults were chosen by tools/bench/hints_replay.py and checked
+    with tools/bench/mount.py (docs/BENCHMARKS.md)."""
 
     whole_file_max: int = 2 * MiB  # a file up to this many bytes comes whole with its first miss
     big_file_window: int = 512 * KiB  # inside a bigger file, this many bytes after the miss come along

@@ -95,7 +95,7 @@ async def fetch_batches(view, work: list[tuple[object, list[int]]], pacer: Pacer
                     await gate.wait_idle()
                 await pacer.spend(sum(layer.tables.chunks[i].length for i in indexes))
                 try:
-                    await view.chunks(layer, indexes, trio.current_time() + BATCH_DEADLINE, purpose="prefetch")
+                    await view.make_local(layer, indexes, trio.current_time() + BATCH_DEADLINE)
                     break
                 except Exception as e:  # the network is down: try again later, reads go on
                     log.warning("view %s: prefetch of %s paused: %s", view.name, layer.digest, e)

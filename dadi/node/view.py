@@ -51,7 +51,7 @@ READ_AHEAD_MAX = 4 << 20
 # retries of a failed read follow within milliseconds; a reader trying again later asks the sources.
 FAIL_FAST_SECONDS = 0.25
 # Metadata requests in flight at once per view. The daemon has 8 fetch threads: this leaves half of them
-# to the reads of the starting container (docs/BENCHMARKS.md, "Metadata at mount").
+# to the reads of the starting container, whose misses come one after another.
 METADATA_WORKERS = 4
 
 
@@ -241,24 +241,22 @@ class View:
                 parts.append(await self._packed(piece.layer, piece.packed_offset, piece.length, deadline))
         return b"".join(parts)
 
-    async def _packed(self, layer_index: int, packed_offset: int, length: int, deadline: float,
-                      purpose: str = "on_demand") -> bytes:
+    async def _packed(self, layer_index: int, packed_offset: int, length: int, deadline: float) -> bytes:
         layer = self.layers[layer_index]
         tables = layer.tables
         first = tables.chunk_of(packed_offset)
         last = tables.chunk_of(packed_offset + length - 1)
-        raws = await self.chunks(layer, range(first, last + 1), deadline, purpose)
+        raws = await self.chunks(layer, range(first, last + 1), deadline)
         start = packed_offset - first * tables.chunk_size
         return b"".join(raws)[start:start + length]
 
-    async def chunks(self, layer: LayerBlob, indexes: range | list[int], deadline: float,
-                     purpose: str = "on_demand") -> list[bytes]:
-        """The decompressed chunks `indexes` of a layer, in order: memory, local cache, then network."""
-        if self.trace is not None and purpose == "on_demand":
+    async def chunks(self, layer: LayerBlob, indexes: range | list[int], deadline: float) -> list[bytes]:
+        """The decompressed chunks `indexes` of a layer that a read needs, in order: memory, local
+        cache, then network."""
+        if self.trace is not None:
             self.trace.record(layer.digest, indexes)
         raws: dict[int, bytes] = {}
-        # Prefetch must fill the disk cache, which a chunk in memory only would not do.
-        for i in indexes if purpose != "prefetch" else ():
+        for i in indexes:
             raw = self.memory.get((layer.digest, i))
             if raw is not None:
                 raws[i] = raw
@@ -267,17 +265,24 @@ class View:
             local = await self._in_thread(self._read_local, layer, wanted)
             raws.update(local)
             missing = [i for i in wanted if i not in local]
-            if purpose == "on_demand":
-                self.stats.chunk_hits += len(indexes) - len(missing)
-                self.stats.chunk_misses += len(missing)
+            self.stats.chunk_hits += len(indexes) - len(missing)
+            self.stats.chunk_misses += len(missing)
             if missing:
-                if purpose == "on_demand" and self.spawn is not None and layer.digest in self.hints:
+                if self.spawn is not None and layer.digest in self.hints:
                     companions = self.hints[layer.digest].companions(missing)
                     if companions:
                         # In parallel, not in the read's own request: the read waits only for its chunks.
                         self.spawn(self._fetch_companions, layer, companions, deadline)
-                raws.update(await self._fetch(layer, missing, deadline, purpose))
+                raws.update(await self._fetch(layer, missing, deadline, "on_demand"))
         return [raws[i] for i in indexes]
+
+    async def make_local(self, layer: LayerBlob, indexes: list[int], deadline: float) -> None:
+        """Fetch into the disk cache those of `indexes` it lacks, for prefetch: nothing is decoded and
+        nothing goes to the memory LRU, which is the reads' (a prefetch of the whole image through it
+        cost ~0.3 s of lz4 per 300 MB and evicted the chunks a starting container was reading)."""
+        missing = await self._in_thread(layer.cache.missing, indexes)
+        if missing:
+            await self._fetch(layer, missing, deadline, "prefetch")
 
     async def _fetch_companions(self, layer: LayerBlob, indexes: list[int], deadline: float) -> None:
         """Fetch what the hints say comes with a miss (the rest of a small file); errors are dropped: a
@@ -401,9 +406,10 @@ class View:
                         self.stats.bytes_companions += len(data)
                     elif purpose == "metadata":
                         self.stats.bytes_metadata += len(data)
-            raw = decode_chunk(data, chunks[i], verify="none")  # the fetcher checked sha256
-            self.memory.put((layer.digest, i), raw)
-            out[i] = raw
+            if purpose == "on_demand":  # what a read waits for; the rest waits in the disk cache
+                raw = decode_chunk(data, chunks[i], verify="none")  # the fetcher checked sha256
+                self.memory.put((layer.digest, i), raw)
+                out[i] = raw
         return out
 
     async def _in_thread(self, fn, *args):
